@@ -1,0 +1,3 @@
+"""lvdeltafs: the changes between two LVM snapshots, as ordinary files."""
+
+__version__ = "0.1.0"

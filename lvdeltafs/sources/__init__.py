@@ -1,0 +1,1 @@
+"""Where a delta comes from: a classic COW table, thin_delta, or a compare of two images."""

@@ -1,0 +1,153 @@
+"""Helpers behind the fixtures in conftest.py: a loop-device VG, a real sshd, mount waits."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def sh(*argv: str, check: bool = True, input: bytes | None = None) -> str:
+    """Run a command (no shell); return stdout; on failure raise with its stderr."""
+    proc = subprocess.run(list(argv), capture_output=True, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): "
+                             f"{proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout.decode(errors="replace")
+
+
+@dataclass
+class VolumeGroup:
+    """A VG on a sparse file attached to a loop device (inside the VM)."""
+
+    name: str
+    pv: str
+    backing: Path
+
+    @classmethod
+    def create(cls, name: str, size_mb: int) -> VolumeGroup:
+        fd, path = tempfile.mkstemp(prefix="pv-", suffix=".img", dir="/tmp")
+        os.close(fd)
+        os.truncate(path, size_mb << 20)
+        loop = sh("losetup", "-f", "--show", path).strip()
+        sh("pvcreate", "-q", loop)
+        sh("vgcreate", "-q", name, loop)
+        return cls(name, loop, Path(path))
+
+    def run(self, *argv: str) -> str:
+        return sh(*argv)
+
+    def dm(self, lv: str) -> str:
+        """The device-mapper name of an LV of this VG ('-' doubled)."""
+        return f"{self.name.replace('-', '--')}-{lv.replace('-', '--')}"
+
+    def lv_path(self, lv: str) -> str:
+        return f"/dev/{self.name}/{lv}"
+
+    def destroy(self) -> str:
+        """Remove the VG and its PV; returns a problem description, or '' when clean."""
+        problems = []
+        for argv in (["vgchange", "-an", self.name], ["vgremove", "-ff", "-y", self.name],
+                     ["losetup", "-d", self.pv]):
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0:
+                problems.append(f"{' '.join(argv)}: {proc.stderr.strip()}")
+        self.backing.unlink(missing_ok=True)
+        return "; ".join(problems)
+
+
+@dataclass
+class Sshd:
+    """A running sshd and the files a client needs to reach it strictly."""
+
+    host: str
+    port: int
+    user: str
+    client_key: Path
+    known_hosts: Path
+    host_key_pub: str
+    process: subprocess.Popen
+    workdir: Path
+    extra: dict = field(default_factory=dict)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> None:
+    sh("ssh-keygen", "-q", "-N", "", "-t", "ed25519", "-C", "lvmirror-test", "-f", str(path))
+
+
+def start_sshd(workdir: Path) -> Sshd:
+    """Start sshd -D on 127.0.0.1 with fresh keys; returns once it sends its banner."""
+    workdir.chmod(0o700)
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    host_key, client_key = workdir / "host_key", workdir / "client_key"
+    keygen(host_key)
+    keygen(client_key)
+    authorized = workdir / "authorized_keys"
+    authorized.write_text((workdir / "client_key.pub").read_text())
+    authorized.chmod(0o600)
+    port = free_port()
+    host_pub = (workdir / "host_key.pub").read_text().split()
+    known_hosts = workdir / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    with open(workdir / "sshd.log", "wb") as log:
+        proc = _popen_sshd(port, host_key, authorized, log)
+    wait_for_banner(port, proc, workdir / "sshd.log")
+    return Sshd("127.0.0.1", port, os.environ.get("USER") or "root", client_key, known_hosts,
+                f"{host_pub[0]} {host_pub[1]}", proc, workdir)
+
+
+def _popen_sshd(port: int, host_key: Path, authorized: Path, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null", "-p", str(port),
+         "-o", f"HostKey={host_key}", "-o", f"AuthorizedKeysFile={authorized}",
+         "-o", "ListenAddress=127.0.0.1", "-o", "PidFile=none", "-o", "PermitRootLogin=prohibit-password",
+         "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
+         "-o", "MaxStartups=100", "-o", "MaxSessions=50",
+         # The keys live under /tmp (sticky, world-writable), which StrictModes refuses.
+         "-o", "StrictModes=no",
+         "-o", "Subsystem sftp internal-sftp"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def wait_for_banner(port: int, proc: subprocess.Popen, logfile: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"sshd exited ({proc.returncode}): {logfile.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.recv(64).startswith(b"SSH-2.0"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"sshd sent no banner within {timeout} s: {logfile.read_text()}")
+
+
+def wait_for_mount(mountpoint: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            return
+        if proc.poll() is not None and not os.path.ismount(mountpoint):
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError(f"FUSE process exited ({proc.returncode}) before mounting: {out}")
+        time.sleep(0.05)
+    raise AssertionError(f"{mountpoint} was not mounted within {timeout} s")
