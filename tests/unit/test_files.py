@@ -1,0 +1,200 @@
+"""The delta files as views: exact sizes, random reads against a naive materialisation, export, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lvdeltafs.delta import Delta, Identity
+from lvdeltafs.errors import CorruptDelta
+from lvdeltafs.extents import DATA, ZERO, Extents
+from lvdeltafs.formats.files import NAMES, DeltaFiles, export, verify_path
+from lvdeltafs.formats.stream import MAX_DATA, iter_records
+
+
+class MemTarget:
+    """A TargetReader over a bytes object."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.data[offset:offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+def make_delta(size, ranges, seed=0, point_in_time=True):
+    target = random.Random(seed).randbytes(size)
+    ext = Extents.from_ranges([r[0] for r in ranges], [r[1] for r in ranges], [r[2] for r in ranges], size)
+    ident = Identity(volume="vol", base="b@1", target="t@2", base_size=size, target_size=size,
+                     chunk_size=4096, source="thin")
+    return Delta(ident, ext, MemTarget(target), point_in_time=point_in_time), target
+
+
+def naive(delta, target):
+    """Every file built the obvious way, from the whole target."""
+    e = delta.extents
+    ranges = "".join(f"{o} {n} {'data' if k == DATA else 'zero'}\n" for o, n, k in e).encode()
+    data = bytearray(delta.identity.target_size)
+    chunks = bytearray()
+    for o, n, k in e:
+        if k == DATA:
+            data[o:o + n] = target[o:o + n]
+            chunks += target[o:o + n]
+    return {"ranges": ranges, "data": bytes(data), "chunks": bytes(chunks)}
+
+
+CASE = (3 * MAX_DATA + 5000, [(0, 100, DATA), (100, 4000, ZERO), (8192, 2 * MAX_DATA + 7, DATA),
+                              (3 * MAX_DATA, 10, ZERO), (3 * MAX_DATA + 100, 4900, DATA)])
+
+
+@st.composite
+def delta_st(draw):
+    size = draw(st.integers(0, 3 * MAX_DATA))
+    cuts = sorted(set(draw(st.lists(st.integers(0, size), max_size=10))))
+    ranges = [(a, b - a, draw(st.sampled_from([DATA, ZERO]))) for a, b in zip(cuts, cuts[1:], strict=False)
+              if draw(st.booleans())]
+    return size, ranges
+
+
+@settings(max_examples=40, deadline=None)
+@given(delta_st(), st.randoms(use_true_random=False))
+def test_views_match_naive(case, rnd):
+    size, ranges = case
+    delta, target = make_delta(size, ranges)
+    files = DeltaFiles(delta)
+    want = naive(delta, target)
+    full_stream = b"".join(files["delta"].blocks())
+    want["delta"] = full_stream
+    manifest = files["manifest.json"]
+    want["manifest.json"] = manifest.content()
+    assert set(files) == set(NAMES)
+    for name in NAMES:
+        view = files[name]
+        assert view.size == len(want[name]), name
+        assert view.pread(0, view.size + 10) == want[name]
+        for _ in range(10):
+            off = rnd.randrange(view.size + 5)
+            n = rnd.choice([0, 1, 13, 4096, 131072, MAX_DATA + 100])
+            assert view.pread(off, n) == want[name][off:off + n], (name, off, n)
+    assert files["data"].changed_bytes == len(want["chunks"])
+    m = json.loads(want["manifest.json"])
+    assert m["chunks_sha256"] == hashlib.sha256(want["chunks"]).hexdigest()
+
+
+def test_manifest_size_known_before_digest():
+    delta, target = make_delta(*CASE)
+    files = DeltaFiles(delta)
+    man = files["manifest.json"]
+    size = man.size  # no data read yet
+    assert man._sha is None
+    m = json.loads(man.content())
+    assert len(man.content()) == size
+    assert m["delta_id"] == delta.identity.delta_id
+    assert m["identity"] == delta.identity.to_dict()
+    nrec = len(list(iter_records(io.BytesIO(b"".join(files["delta"].blocks())))))
+    assert m["counts"] == {"extents": 5, "data_extents": 3, "zero_extents": 2, "stream_records": nrec}
+    assert m["bytes"]["delta"] == files["delta"].size
+    assert m["point_in_time"] is True
+    assert m["tool"] == "lvdeltafs"
+
+
+def test_sizes_need_no_reads():
+    class NoRead(MemTarget):
+        def pread(self, length, offset):
+            raise AssertionError("read during stat")
+
+    delta, _ = make_delta(*CASE)
+    delta.target = NoRead(b"")
+    files = DeltaFiles(delta)
+    assert all(files[n].size > 0 for n in NAMES)
+    assert files["ranges"].pread(0, 1000)  # ranges never reads the target
+
+
+@pytest.fixture
+def exported(tmp_path):
+    delta, target = make_delta(*CASE)
+    d = tmp_path / "delta-dir"
+    sizes = export(delta, str(d))
+    return delta, target, d, sizes
+
+
+def test_export_writes_views(exported):
+    delta, target, d, sizes = exported
+    files = DeltaFiles(delta)
+    for name in NAMES:
+        assert (d / name).read_bytes() == files[name].pread(0, files[name].size), name
+        assert sizes[name] == files[name].size
+    assert not [p for p in os.listdir(d) if p.startswith(".")], "no temp files left"
+    st_ = os.stat(d / "data")
+    assert st_.st_blocks * 512 < st_.st_size, "data is sparse"
+
+
+def test_export_then_verify(exported):
+    _, _, d, _ = exported
+    s = verify_path(str(d))
+    assert s["kind"] == "directory"
+    s = verify_path(str(d / "delta"))
+    assert s["kind"] == "stream" and s["data_bytes"] == CASE[1][0][1] + CASE[1][2][1] + CASE[1][4][1]
+
+
+def flip_hex(b, i):
+    b[i] = ord("1") if b[i] == ord("0") else ord("0")
+
+
+def corrupt_copy(src, dst, name, how):
+    shutil.copytree(src, dst)
+    p = dst / name
+    b = bytearray(p.read_bytes())
+    how(b)
+    p.write_bytes(bytes(b))
+    return dst
+
+
+@pytest.mark.parametrize("name, how, match", [
+    ("chunks", lambda b: b.__setitem__(5, b[5] ^ 1), "sha256|differ"),
+    ("chunks", lambda b: b.pop(), "chunks is"),
+    ("data", lambda b: b.__setitem__(50, b[50] ^ 1), "data and chunks differ"),
+    ("delta", lambda b: b.__setitem__(len(b) // 2, b[len(b) // 2] ^ 4), "corrupt"),
+    ("delta", lambda b: b.__delitem__(slice(len(b) - 10, None)), "truncated"),
+    ("ranges", lambda b: b.__setitem__(0, ord("x")), "ranges line 1"),
+    ("manifest.json", lambda b: flip_hex(b, b.index(b'"chunks_sha256": "') + 20), "sha256"),
+    ("manifest.json", lambda b: flip_hex(b, b.index(b'"data_extents": ') + 16), "data_extents"),
+    ("manifest.json", lambda b: b.__setitem__(0, ord("[")), "JSON"),
+])
+def test_corrupted_copy_fails_verify(exported, tmp_path, name, how, match):
+    _, _, d, _ = exported
+    bad = corrupt_copy(d, tmp_path / "bad", name, how)
+    with pytest.raises(CorruptDelta, match=match):
+        verify_path(str(bad))
+
+
+def test_ranges_disagreeing_with_stream(exported, tmp_path):
+    """A consistent-looking ranges/chunks pair that the stream does not carry is caught."""
+    _, _, d, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    text = (bad / "ranges").read_text().replace(f"{3 * MAX_DATA} 10 zero", f"{3 * MAX_DATA} 11 zero")
+    (bad / "ranges").write_text(text)
+    with pytest.raises(CorruptDelta):
+        verify_path(str(bad))
+
+
+def test_missing_file(exported, tmp_path):
+    _, _, d, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    os.unlink(bad / "chunks")
+    with pytest.raises(CorruptDelta, match="chunks is missing"):
+        verify_path(str(bad))
