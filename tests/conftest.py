@@ -48,8 +48,8 @@ def make_vg():
     """Factory: a fresh volume group on its own loop-device PV, removed after the test."""
     made: list[VolumeGroup] = []
 
-    def make(name: str | None = None, size_mb: int = 512) -> VolumeGroup:
-        vg = VolumeGroup.create(name or f"vgt{os.getpid()}x{next(_vg_numbers)}", size_mb)
+    def make(name: str | None = None, size_mb: int = 512, extent_size: str | None = None) -> VolumeGroup:
+        vg = VolumeGroup.create(name or f"vgt{os.getpid()}x{next(_vg_numbers)}", size_mb, extent_size)
         made.append(vg)
         return vg
 

@@ -29,13 +29,13 @@ class VolumeGroup:
     backing: Path
 
     @classmethod
-    def create(cls, name: str, size_mb: int) -> VolumeGroup:
+    def create(cls, name: str, size_mb: int, extent_size: str | None = None) -> VolumeGroup:
         fd, path = tempfile.mkstemp(prefix="pv-", suffix=".img", dir="/tmp")
         os.close(fd)
         os.truncate(path, size_mb << 20)
         loop = sh("losetup", "-f", "--show", path).strip()
         sh("pvcreate", "-q", loop)
-        sh("vgcreate", "-q", name, loop)
+        sh("vgcreate", "-q", *(["-s", extent_size] if extent_size else []), name, loop)
         return cls(name, loop, Path(path))
 
     def run(self, *argv: str) -> str:
