@@ -78,17 +78,25 @@ class Extents:
         if idx.size == 0:
             return cls.empty()
         # A run starts wherever the previous index is not exactly one less.
+        # Built in place: tens of millions of chunks must fit in ~40 bytes each.
         starts_mask = np.empty(idx.size, dtype=bool)
         starts_mask[0] = True
         np.not_equal(idx[1:], idx[:-1] + _U64(1), out=starts_mask[1:])
         first = np.flatnonzero(starts_mask)
-        last = np.empty_like(first)
-        last[:-1] = first[1:] - 1
-        last[-1] = idx.size - 1
+        del starts_mask
+        offsets = idx[first]
+        lengths = np.empty(first.size, dtype=_U64)
+        np.subtract(first[1:], first[:-1], out=lengths[:-1], casting="unsafe")
+        lengths[-1] = idx.size - first[-1]
+        del first
         cs = _U64(chunk_size)
-        offsets = idx[first] * cs
-        ends = np.minimum((idx[last] + _U64(1)) * cs, _U64(size))
-        return cls(offsets, ends - offsets, np.full(offsets.size, kind, np.uint8))
+        offsets *= cs
+        lengths *= cs
+        # The last chunk may reach past a volume size that is not a multiple of the chunk.
+        end = int(offsets[-1]) + int(lengths[-1])
+        if end > size:
+            lengths[-1] -= _U64(end - size)
+        return cls(offsets, lengths, np.full(offsets.size, kind, np.uint8))
 
     @classmethod
     def from_ranges(
