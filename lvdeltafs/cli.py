@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from lvdeltafs import __version__
 from lvdeltafs.clisupport import run_group, setup_logging
+
+SOURCE_CHOICE = click.Choice(["auto", "cow", "compare"])
+PAIR_HELP = ("BASE and TARGET are two snapshots of one LVM volume (vg/lv, classic or thin), "
+             "a COW store (device or image file) and the target's image, or any two images.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,4 +23,151 @@ def cli(verbose: int, quiet: bool) -> None:
     setup_logging("lvdeltafs", verbose, quiet)
 
 
+def _open(base: str, target: str, source: str):
+    from lvdeltafs.pairs import open_delta
+    return open_delta(base, target, source=None if source == "auto" else source)
+
+
+@cli.command(help="Print the changed ranges from BASE to TARGET, one per line: OFFSET LENGTH data|zero "
+             "(decimal bytes, ascending). " + PAIR_HELP)
+@click.argument("base")
+@click.argument("target")
+@click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
+              help="How to read file arguments: a COW store, or a block compare.")
+def ranges(base: str, target: str, source: str) -> None:
+    from lvdeltafs.extents import format_ranges
+    delta = _open(base, target, source)
+    try:
+        sys.stdout.write(format_ranges(delta.extents))
+    finally:
+        delta.close()
+
+
+@cli.command(help="Write the delta files (ranges, data, chunks, manifest.json, delta) into DIRECTORY. "
+             + PAIR_HELP)
+@click.argument("base")
+@click.argument("target")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
+              help="How to read file arguments: a COW store, or a block compare.")
+def export(base: str, target: str, directory: str, source: str) -> None:
+    from lvdeltafs.formats.files import export as export_files
+    delta = _open(base, target, source)
+    try:
+        export_files(delta, directory)
+    finally:
+        delta.close()
+    ext = delta.extents
+    click.echo(f"{directory}: {ext.data_count} data ranges ({ext.data_bytes} bytes), "
+               f"{ext.zero_count} zero ranges ({ext.zero_bytes} bytes), delta {delta.identity.delta_id}",
+               err=True)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True))
+def verify(path: str) -> None:
+    """Check a delta stream file or a delta directory; exit 3 if it is damaged."""
+    from lvdeltafs.formats.files import verify_path
+    s = verify_path(path)
+    click.echo(f"{path}: OK: delta {s['delta_id']}, target size {s['target_size']}, "
+               f"{s['data_bytes']} bytes of data, {s['zero_bytes']} bytes of zeros, "
+               f"{s['stream_bytes']} stream bytes")
+
+
 main = run_group(cli, "lvdeltafs")
+
+
+MOUNT_HELP = """Show snapshot pairs as directories of delta files at MOUNTPOINT.
+
+\b
+MOUNTPOINT/VG/LV/snapshots/       one file per snapshot, in creation order
+MOUNTPOINT/VG/LV/S1..S2/          each consecutive pair; any older..newer pair by name
+MOUNTPOINT/VG/LV/SN..@origin/     newest snapshot against the live volume (not point in time)
+MOUNTPOINT/@pairs/BASE..TARGET/   each --pair, named by the basenames
+Each pair directory holds ranges, data, chunks, manifest.json and delta.
+
+Volume groups are discovered (all, or each --vg) unless only --pair is given.
+Returns once the mount is ready and serves in the background; -f stays in the
+foreground.  Unmount with `lvdeltafs umount MOUNTPOINT`.
+"""
+
+
+@cli.command(help=MOUNT_HELP)
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--vg", "vgs", multiple=True, metavar="VG", help="Show this volume group (repeatable).")
+@click.option("--pair", "pairs", nargs=2, multiple=True, metavar="BASE TARGET",
+              help="Also show this pair under @pairs/ (repeatable). " + PAIR_HELP)
+@click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
+              help="How to read --pair file arguments: a COW store, or a block compare.")
+@click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted.")
+@click.option("--allow-other", is_flag=True,
+              help="Let other users in (needs user_allow_other in /etc/fuse.conf unless root); "
+                   "files become world-readable.")
+@click.option("--cache", "cache_size", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="How many opened deltas to keep.")
+@click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="How many reads of the target may run at once.")
+@click.option("--log-file", type=click.Path(dir_okay=False),
+              help="Where the background process logs (default: syslog).")
+@click.option("--debug-fuse", is_flag=True, hidden=True)
+@click.option("--ready-fd", type=int, hidden=True)
+@click.pass_context
+def mount(ctx: click.Context, mountpoint: str, vgs: tuple[str, ...], pairs: tuple[tuple[str, str], ...],
+          source: str, foreground: bool, allow_other: bool, cache_size: int, threads: int,
+          log_file: str | None, debug_fuse: bool, ready_fd: int | None) -> None:
+    import os
+
+    from lvdeltafs import fuse, lvm, vfs
+    mountpoint = os.path.abspath(mountpoint)
+    # The background process runs in /, so every path is made absolute here.
+    pairs = tuple(tuple(_abs_side(p) for p in pair) for pair in pairs)
+    log_file = os.path.abspath(log_file) if log_file else None
+    for vg in vgs:
+        lvm.check_name(vg, "volume group")
+    fuse.check_mountpoint(mountpoint)
+    if not foreground and ready_fd is None:
+        pid = fuse.start_background(_mount_argv(ctx, mountpoint, vgs, pairs, source, allow_other,
+                                                cache_size, threads, log_file))
+        click.echo(f"lvdeltafs: mounted {mountpoint} (process {pid}); "
+                   f"unmount with: lvdeltafs umount {mountpoint}", err=True)
+        return
+    discovery = vfs.Discovery(vgs) if vgs or not pairs else None
+    fs = vfs.Vfs(discovery=discovery, cache_size=cache_size, allow_other=allow_other,
+                 pairs=vfs.explicit_pairs(pairs, None if source == "auto" else source))
+    on_ready = (lambda: fuse.detach(ready_fd, log_file)) if ready_fd is not None else None
+    fuse.serve(fs, mountpoint, allow_other=allow_other, debug=debug_fuse, read_threads=threads,
+               on_ready=on_ready)
+
+
+def _abs_side(name: str) -> str:
+    import os
+
+    from lvdeltafs.pairs import looks_like_lv
+    return name if looks_like_lv(name) else os.path.abspath(name)
+
+
+def _mount_argv(ctx: click.Context, mountpoint: str, vgs, pairs, source: str, allow_other: bool,
+                cache_size: int, threads: int, log_file: str | None) -> list[str]:
+    """The foreground command the background process runs: the same mount, paths absolute."""
+    parent = ctx.parent.params if ctx.parent else {}
+    argv = [*(["-" + "v" * parent["verbose"]] if parent.get("verbose") else []),
+            *(["-q"] if parent.get("quiet") else []), "mount", "--foreground", mountpoint,
+            "--source", source, "--cache", str(cache_size), "--threads", str(threads)]
+    argv += [a for vg in vgs for a in ("--vg", vg)]
+    argv += [a for base, target in pairs for a in ("--pair", base, target)]
+    argv += (["--allow-other"] if allow_other else []) + (["--log-file", log_file] if log_file else [])
+    return argv
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-z", "--lazy", is_flag=True, help="Detach now even if files are open (fusermount3 -u -z).")
+def umount(mountpoint: str, lazy: bool) -> None:
+    """Unmount an lvdeltafs mount; also clears one left dead by a crash."""
+    from lvdeltafs import fuse
+    done = fuse.unmount(mountpoint, lazy)
+    click.echo(f"lvdeltafs: {done} {mountpoint}", err=True)
+
+
+if __name__ == "__main__":
+    main()

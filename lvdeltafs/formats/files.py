@@ -289,7 +289,8 @@ class _Staged:
     def __init__(self, directory: str, name: str):
         self.final = os.path.join(directory, name)
         self.tmp = os.path.join(directory, f".{name}.tmp.{os.getpid()}")
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # Private by default: a delta holds the volume's data.
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
     def commit(self) -> None:
         os.fsync(self.fd)
@@ -321,7 +322,7 @@ def export(delta: Delta, directory: str) -> dict[str, int]:
     `data` and `chunks` are written in one pass over the target, which also
     gives the manifest's digest; the stream is a second pass.
     """
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     files = DeltaFiles(delta)
     ranges: RangesView = files["ranges"]
 
