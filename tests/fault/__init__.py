@@ -1,0 +1,1 @@
+"""Fault injection: killed processes, full filesystems."""
