@@ -624,6 +624,12 @@ class Receiver:
                     f"refusing delta {did}: it is an initial full copy of volume {identity.get('volume')}, "
                     f"but {self.dest.path} already holds {_describe(state)}; to update it, sync from the "
                     f"snapshot it holds; to start over, move {self.dest.state_path} away or force it")
+            if self.dest.kind == "file" and self.dest.exists() and self.dest.size() > 0:
+                # An init rewrites the whole file: never over a file we did not make.
+                raise RefusedError(
+                    f"refusing delta {did}: {self.dest.path} already exists and holds "
+                    f"{self.dest.size()} bytes but no lvmirror state, so it is not a mirror lvmirror "
+                    "made; check the destination path, then remove the file or force the init")
             return
         if not holds:
             raise RefusedError(

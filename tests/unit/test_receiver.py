@@ -150,10 +150,10 @@ def test_all_zero_data_records_punch_holes(at_v1: Path):
     assert os.stat(at_v1).st_blocks * 512 <= 64 << 10
 
 
-def test_init_over_an_existing_unmanaged_file_defines_every_byte(dest: Path):
+def test_forced_init_over_an_existing_unmanaged_file_defines_every_byte(dest: Path):
     dest.write_bytes(b"\xff" * (3 * MiB))
     ident, blob = delta(None, V1, "", "vol@1")
-    sync(dest, ident, blob)
+    sync(dest, ident, blob, force=True)
     assert sha_file(dest) == sha(V1)
 
 
@@ -477,3 +477,14 @@ def test_block_device_destination(loop_dev: str, tmp_path: Path):
             rc.apply()
         assert "applying" not in rc.state()
     assert sha_file(loop_dev) == sha(new)
+
+
+def test_init_over_a_foreign_file_is_refused_and_leaves_it_alone(dest: Path):
+    """An init rewrites the whole image: never over a file lvmirror did not make."""
+    dest.write_bytes(b"somebody's data" * 1000)
+    before = sha_file(dest)
+    ident, blob = delta(None, V1, "", "vol@1")
+    with pytest.raises(Refused, match="no lvmirror state"):
+        sync(dest, ident, blob)
+    assert sha_file(dest) == before
+    assert staging_files(dest) == []
