@@ -82,10 +82,12 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import signal
 import stat
 import struct
 import sys
+import threading
 import time
 from typing import Any, BinaryIO
 
@@ -351,17 +353,46 @@ class Channel:
 
 
 class FrameReader:
-    """A read-only file over incoming frames; EOF at the end frame (what StreamReader reads from)."""
+    """A read-only file over incoming frames; EOF at the end frame (what StreamReader reads from).
+
+    A thread reads frames ahead into a bounded queue, so the link keeps
+    flowing while the stager writes and fsyncs (over ssh, a stalled reader
+    leaves the 2 MiB window full and the sender idle).  It stops right after
+    the end frame, so it never reads into the next request.
+    """
+
+    PREFETCH_FRAMES = 16
 
     def __init__(self, chan: Channel):
         self.chan = chan
         self.buf = memoryview(b"")
         self.ended = False
         self.received = 0
+        self.queue: queue.Queue = queue.Queue(self.PREFETCH_FRAMES)
+        self.thread = threading.Thread(target=self._prefetch, name="frames", daemon=True)
+        self.thread.start()
+
+    def _prefetch(self) -> None:
+        while True:
+            try:
+                frame = self.chan.read_frame()
+            except BaseException as exc:  # handed to the reading thread, which raises it
+                self.queue.put(exc)
+                return
+            self.queue.put(frame)
+            if not frame:
+                return
+
+    def _next_frame(self) -> bytes:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            self.ended = True  # the link is gone: nothing more to drain
+            raise item
+        return item
 
     def read(self, n: int = -1) -> bytes:
         while not self.buf and not self.ended:
-            frame = self.chan.read_frame()
+            frame = self._next_frame()
             if not frame:
                 self.ended = True
             self.received += len(frame)
@@ -375,7 +406,7 @@ class FrameReader:
         """Discard everything up to the end frame, so the next request line is in step."""
         self.buf = memoryview(b"")
         while not self.ended:
-            if not self.chan.read_frame():
+            if not self._next_frame():
                 self.ended = True
 
 
