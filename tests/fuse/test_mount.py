@@ -1,0 +1,307 @@
+"""Real lvdeltafs mounts on the host over file pairs, driven with ordinary tools."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lvdeltafs.extents import DATA, format_ranges
+from lvdeltafs.formats.files import NAMES, DeltaFiles
+from lvdeltafs.pairs import open_delta
+
+pytestmark = pytest.mark.fuse
+
+LVDELTAFS = str(Path(sys.executable).parent / "lvdeltafs")
+MiB = 1 << 20
+SIZE = 48 * MiB
+
+
+def run(*argv: str | Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def make_pair(tmp: Path, seed: int = 1) -> tuple[Path, Path]:
+    """A base image and a target with scattered changes: small, ragged, large, at the end."""
+    rng = random.Random(seed)
+    base, target = tmp / "base.img", tmp / "target.img"
+    content = bytearray(rng.randbytes(SIZE))
+    base.write_bytes(content)
+    for off, length in [(0, 100), (3 * MiB + 17, 70_000), (10 * MiB, 5 * MiB), (SIZE - 4096, 4096),
+                        *((rng.randrange(SIZE - 9000), rng.choice([512, 4096, 9000])) for _ in range(30))]:
+        content[off:off + length] = rng.randbytes(length)
+    target.write_bytes(content)
+    return base, target
+
+
+def make_cow_pair(tmp: Path) -> tuple[Path, Path]:
+    from lvdeltafs.sources.cowimage import write_cow_image
+    chunk = 64 * 1024
+    old = [3, 4, 5, 100, 7, 300, SIZE // chunk - 1]
+    cow, target = tmp / "cow.img", tmp / "cowtarget.img"
+    write_cow_image(cow, chunk, old, data=bytes(len(old) * chunk))
+    target.write_bytes(random.Random(5).randbytes(SIZE))
+    return cow, target
+
+
+@pytest.fixture
+def mnt(tmp_path) -> Path:
+    m = tmp_path / "mnt"
+    m.mkdir()
+    return m
+
+
+def mount_pair(fuse_mount, mnt: Path, base: Path, target: Path, *extra: str) -> Path:
+    fuse_mount([LVDELTAFS, "mount", "-f", *extra, "--pair", str(base), str(target), str(mnt)], mnt)
+    return mnt / "@pairs" / f"{base.name}..{target.name}"
+
+
+def check_pair_dir(pair: Path, base: Path, target: Path, tmp: Path) -> None:
+    delta = open_delta(str(base), str(target))
+    files = DeltaFiles(delta)
+    try:
+        # ls -l: the five files, sizes exact before anything was read
+        listing = run("ls", "-l", pair).stdout.splitlines()[1:]
+        sizes = {line.split()[-1]: int(line.split()[4]) for line in listing}
+        assert sizes == {n: files[n].size for n in NAMES}
+        assert all(line.startswith("-r-------- 1 root root") for line in listing), listing
+        # cat ranges
+        assert run("cat", pair / "ranges").stdout == format_ranges(delta.extents)
+        # cmp data against the target over each changed range, and against zeros elsewhere
+        pos = 0
+        for off, length, kind in delta.extents:
+            if off > pos:
+                run("cmp", "-n", off - pos, "-i", f"{pos}:0", pair / "data", "/dev/zero")
+            other = target if kind == DATA else "/dev/zero"
+            run("cmp", "-n", length, "-i", f"{off}:{off if kind == DATA else 0}", pair / "data", other)
+            pos = off + length
+        if pos < files["data"].size:
+            run("cmp", "-n", files["data"].size - pos, "-i", f"{pos}:0", pair / "data", "/dev/zero")
+        # sha256sum chunks against the manifest
+        manifest = json.loads((pair / "manifest.json").read_text())
+        assert run("sha256sum", pair / "chunks").stdout.split()[0] == manifest["chunks_sha256"]
+        assert manifest["delta_id"] == delta.identity.delta_id
+        # cp the directory, then verify the copy and the stream file alone
+        copy = tmp / "copy"
+        run("cp", "-r", pair, copy)
+        assert "OK" in run(LVDELTAFS, "verify", copy).stdout
+        run("cp", pair / "delta", tmp / "delta.stream")
+        run(LVDELTAFS, "verify", tmp / "delta.stream")
+        # du: the sparse data file counts only its changed bytes
+        du = int(run("du", "-B1", pair / "data").stdout.split()[0])
+        assert du == -(-delta.extents.data_bytes // 512) * 512 < files["data"].size // 4
+        assert int(run("du", "-B1", "--apparent-size", pair / "data").stdout.split()[0]) == files["data"].size
+        # getfattr -d: the identity
+        attrs = run("getfattr", "-d", pair / "data").stdout
+        ident = delta.identity
+        for key, value in [("delta_id", ident.delta_id), ("base", ident.base), ("target", ident.target),
+                           ("source", ident.source), ("volume", ident.volume)]:
+            assert f'user.lvdeltafs.{key}="{value}"' in attrs
+        assert "user.lvdeltafs.delta_id=" in run("getfattr", "-d", pair).stdout
+        # tar it up and unpack it: still a valid delta
+        run("tar", "-cf", tmp / "d.tar", "-C", pair.parent, pair.name)
+        (tmp / "untar").mkdir()
+        run("tar", "-xf", tmp / "d.tar", "-C", tmp / "untar")
+        run(LVDELTAFS, "verify", tmp / "untar" / pair.name)
+    finally:
+        delta.close()
+
+
+def test_compare_pair_through_ordinary_tools(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    pair = mount_pair(fuse_mount, mnt, base, target)
+    assert run("ls", mnt).stdout.split() == ["@pairs"]
+    assert run("ls", mnt / "@pairs").stdout.split() == [pair.name]
+    check_pair_dir(pair, base, target, tmp_path)
+
+
+def test_cow_image_pair_through_ordinary_tools(fuse_mount, tmp_path, mnt):
+    cow, target = make_cow_pair(tmp_path)
+    pair = mount_pair(fuse_mount, mnt, cow, target)
+    assert json.loads((pair / "manifest.json").read_text())["source"] == "cow"
+    lines = (pair / "ranges").read_text().splitlines()
+    assert [int(line.split()[0]) // 65536 for line in lines] == [3, 7, 100, 300, SIZE // 65536 - 1]
+    check_pair_dir(pair, cow, target, tmp_path)
+
+
+def test_bad_names_are_enoent_and_the_mount_lives_on(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    # --vg of a volume group this host lacks: its directory shows, empty, and nothing resolves in it.
+    fuse_mount([LVDELTAFS, "mount", "-f", "--vg", "novg", "--pair", str(base), str(target), str(mnt)], mnt)
+    assert sorted(os.listdir(mnt)) == ["@pairs", "novg"]
+    for name in ["a..", "..b", "x..y", "...", "a...b", "lv", "@origin..x", "x" * 300, "\udcff..x", "@pairs2"]:
+        for where in [mnt / "@pairs", mnt / "novg", mnt / "novg" / "lv", mnt]:
+            p = os.path.join(where, name)
+            with pytest.raises(OSError) as e:
+                os.stat(p)
+            assert e.value.errno in (errno.ENOENT, errno.ENAMETOOLONG), p
+    pair = mnt / "@pairs" / "base.img..target.img"
+    with pytest.raises(FileNotFoundError):
+        os.stat(pair / "nope")
+    assert (pair / "ranges").read_text()
+
+
+def test_reads_past_the_end_and_writes_refused(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    pair = mount_pair(fuse_mount, mnt, base, target)
+    size = (pair / "chunks").stat().st_size
+    fd = os.open(pair / "chunks", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, size) == b""
+        assert os.pread(fd, 4096, size + 10**12) == b""
+        assert len(os.pread(fd, 4096, size - 5)) == 5
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 10, -1)
+        assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_CREAT):
+        with pytest.raises(OSError) as e:
+            os.open(pair / "data", flags)
+        assert e.value.errno in (errno.EROFS, errno.EACCES)
+    proc = run("touch", pair / "new", check=False)
+    assert proc.returncode != 0 and "Read-only file system" in proc.stderr
+    assert run("rm", "-f", pair / "data", check=False).returncode != 0
+    assert run("setfattr", "-n", "user.x", "-v", "1", pair / "data", check=False).returncode != 0
+    assert (pair / "data").stat().st_size == SIZE
+
+
+def test_private_to_the_mounting_user(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    tmp_path.chmod(0o755)
+    pair = mount_pair(fuse_mount, mnt, base, target)
+    st = (pair / "data").stat()
+    assert (st.st_mode & 0o7777, st.st_uid) == (0o400, os.getuid())
+    assert pair.stat().st_mode & 0o7777 == 0o500
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    proc = run(*nobody, "cat", pair / "ranges", check=False)
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr
+
+
+def test_killed_reader_and_many_readers(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    pair = mount_pair(fuse_mount, mnt, base, target)
+    data = target.read_bytes()
+    chunks = run("cat", pair / "ranges").stdout  # warm the delta
+    assert chunks
+    for _ in range(3):
+        reader = subprocess.Popen(["dd", f"if={pair / 'data'}", "of=/dev/null", "bs=4k"])
+        time.sleep(0.15)
+        reader.send_signal(signal.SIGKILL)
+        reader.wait()
+    want = hashlib.sha256((pair / "chunks").read_bytes()).hexdigest()
+    delta = open_delta(str(base), str(target))
+    spans = [(o, n) for o, n, k in delta.extents if k == DATA]
+    delta.close()
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with open(pair / "data", "rb", buffering=0) as f:
+                for _ in range(40):
+                    off, n = rng.choice(spans)
+                    start = off + rng.randrange(n)
+                    length = rng.randrange(1, 300_000)
+                    got = os.pread(f.fileno(), length, start)
+                    exp = bytearray(min(length, SIZE - start))
+                    for o, m in spans:
+                        lo, hi = max(o, start), min(o + m, start + len(exp))
+                        if lo < hi:
+                            exp[lo - start:hi - start] = data[lo:hi]
+                    if got != bytes(exp):
+                        errors.append(f"data at {start}+{length} differs")
+            if hashlib.sha256((pair / "chunks").read_bytes()).hexdigest() != want:
+                errors.append("chunks differ")
+        except Exception as e:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert os.path.ismount(mnt)
+
+
+def test_signals_unmount_cleanly(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = fuse_mount([LVDELTAFS, "mount", "-f", "--pair", str(base), str(target), str(mnt)], mnt)
+        assert (mnt / "@pairs" / "base.img..target.img" / "ranges").read_text()
+        proc.send_signal(sig)
+        assert proc.wait(20) == 0, proc.stdout.read()
+        assert not os.path.ismount(mnt)
+        os.stat(mnt)  # not a dead mount either
+
+
+def test_sigkilled_mount_is_detected_and_cleared(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    argv = [LVDELTAFS, "mount", "-f", "--pair", str(base), str(target), str(mnt)]
+    proc = fuse_mount(argv, mnt)
+    proc.kill()
+    proc.wait()
+    with pytest.raises(OSError) as e:
+        os.statvfs(mnt)  # at once: stat may be answered from the attribute cache for a second
+    assert e.value.errno == errno.ENOTCONN
+    again = run(*argv, check=False)
+    assert again.returncode == 7
+    assert "dead" in again.stderr and f"lvdeltafs umount {mnt}" in again.stderr
+    out = run(LVDELTAFS, "umount", mnt)
+    assert "cleared" in out.stderr
+    os.stat(mnt)
+    fuse_mount(argv, mnt)
+    assert (mnt / "@pairs" / "base.img..target.img" / "ranges").read_text()
+    busy = run(*argv, check=False)
+    assert busy.returncode == 7 and "already a mount point" in busy.stderr
+
+
+def test_background_mount_and_umount(tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    os.chdir(tmp_path)  # relative paths are resolved before the mount goes to the background
+    try:
+        start = time.monotonic()
+        out = run(LVDELTAFS, "mount", "--log-file", "mount.log", "--pair", "base.img", "target.img", "mnt")
+        assert time.monotonic() - start < 30
+        assert os.path.ismount(mnt), out.stderr
+        assert "lvdeltafs umount" in out.stderr
+        assert (mnt / "@pairs" / "base.img..target.img" / "ranges").read_text()
+        pid = int(out.stderr.split("process ")[1].split(")")[0])
+        run(LVDELTAFS, "umount", "mnt")
+        assert not os.path.ismount(mnt)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                break
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}") or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        assert "serving" in (tmp_path / "mount.log").read_text()
+    finally:
+        os.chdir("/")
+        if os.path.ismount(mnt) or run("stat", mnt, check=False).returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_mount_errors_are_clear(tmp_path, mnt):
+    base, _ = make_pair(tmp_path)
+    missing = run(LVDELTAFS, "mount", "-f", "--pair", base, tmp_path / "nope.img", mnt, check=False)
+    assert missing.returncode == 3 and "nope.img" in missing.stderr
+    nodir = run(LVDELTAFS, "mount", "-f", "--pair", base, base, tmp_path / "nodir", check=False)
+    assert nodir.returncode == 3 and "does not exist" in nodir.stderr
+    notmounted = run(LVDELTAFS, "umount", mnt, check=False)
+    assert notmounted.returncode == 3 and "not mounted" in notmounted.stderr
+    assert not os.path.ismount(mnt)
