@@ -23,8 +23,8 @@ from lvdeltafs.sources import compare, cow, thin
 log = logging.getLogger(__name__)
 
 COW_MAGIC = b"SnAp"
-FINGERPRINT_SAMPLES = 4
-FINGERPRINT_SAMPLE = 64 * 1024
+FINGERPRINT_SAMPLES = 64
+FINGERPRINT_SAMPLE = 4096
 # Fine enough that a small write costs little more than itself, coarse enough
 # that the digests of a TiB volume stay a few hundred MiB.
 COMPARE_BLOCK = 64 * 1024
@@ -51,12 +51,18 @@ def device_size(path: str) -> int:
 
 
 def image_id(path: str) -> str:
-    """``image:SIZE:FINGERPRINT`` — a file side named by size and sampled content."""
+    """``image:SIZE:FINGERPRINT`` — a file side named by its path, size and sampled content.
+
+    Reading a whole image to name it would cost as much as a compare, so the
+    fingerprint hashes the absolute path, the size and 4 KiB samples spread
+    evenly over the file (and its last 4 KiB): cheap, and different for two
+    images that differ anywhere near a sample or live at different paths.
+    """
     size = device_size(path)
-    h = hashlib.sha256(str(size).encode())
+    h = hashlib.sha256(f"{os.path.abspath(path)}\0{size}".encode())
     with open(path, "rb") as f:
         for i in range(FINGERPRINT_SAMPLES):
-            pos = max(0, (size - FINGERPRINT_SAMPLE) * i // max(1, FINGERPRINT_SAMPLES - 1))
+            pos = max(0, (size - FINGERPRINT_SAMPLE) * i // (FINGERPRINT_SAMPLES - 1))
             h.update(os.pread(f.fileno(), FINGERPRINT_SAMPLE, pos))
     return f"image:{size}:{h.hexdigest()[:16]}"
 
