@@ -2,19 +2,181 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable
+
 import click
 
 from lvdeltafs import __version__
 from lvdeltafs.clisupport import run_group, setup_logging
+from lvdeltafs.errors import LvError, Mismatch
+
+log = logging.getLogger("lvmirror")
+
+DRY_RUN_HELP = "Say what would be sent and how much; keep no snapshot, write nothing."
+CONFIG_HELP = "Configuration file (default: $LVMIRROR_CONFIG, else /etc/lvmirror/lvmirror.toml)."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lvmirror")
+@click.option("-c", "--config", "config_path", metavar="PATH", help=CONFIG_HELP)
 @click.option("-v", "--verbose", count=True, help="More detail on stderr (repeat for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def cli(verbose: int, quiet: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool) -> None:
     """Keep image files or block devices identical to snapshots of LVM volumes."""
     setup_logging("lvmirror", verbose, quiet)
+    ctx.obj = {"config_path": config_path}
+
+
+def _config(ctx: click.Context):
+    from lvmirror import config
+    cached = ctx.obj.get("config")
+    if cached is None:
+        cached = ctx.obj["config"] = config.load(ctx.obj["config_path"])
+    return cached
+
+
+def _locked(ctx: click.Context, name: str, job: Callable[..., object], **kwargs: object) -> object:
+    """Run one pipeline for one volume under its lock."""
+    from lvmirror.lock import volume_lock
+    cfg = _config(ctx)
+    vol = cfg.volume(name)
+    with volume_lock(cfg.lock_dir, vol.name):
+        return job(vol, **kwargs)
+
+
+def _report(outcome) -> None:
+    for note in outcome.notes:
+        log.info("%s: %s", outcome.volume, note)
+    if outcome.dry_run:
+        click.echo(outcome.summary())
+    else:
+        log.info("%s", outcome.summary())
+
+
+@cli.command()
+@click.argument("volume")
+@click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
+@click.pass_context
+def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
+    """First full copy of VOLUME to its destination (zero runs skipped)."""
+    from lvmirror import sync as pipelines
+    _report(_locked(ctx, volume, pipelines.init, dry_run=dry_run))
+
+
+@cli.command()
+@click.argument("volume", required=False)
+@click.option("-a", "--all", "all_", is_flag=True, help="Every configured volume, one after another.")
+@click.option("--initial", is_flag=True, help="The same as `lvmirror init VOLUME`.")
+@click.option("--check", "check_", is_flag=True, help="The same as `lvmirror check VOLUME`.")
+@click.option("--repair", is_flag=True, help="With --check: send the blocks that differ.")
+@click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
+@click.pass_context
+def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, check_: bool, repair: bool,
+         dry_run: bool) -> None:
+    """Bring VOLUME's destination (or --all) up to a new snapshot, sending only what changed."""
+    if bool(volume) == all_:
+        raise click.UsageError("name one VOLUME or give --all")
+    if initial and check_:
+        raise click.UsageError("--initial and --check exclude each other")
+    if repair and not check_:
+        raise click.UsageError("--repair goes with --check")
+    names = sorted(_config(ctx).volumes) if all_ else [volume]
+    failures: list[LvError] = []
+    for name in names:
+        try:
+            if check_:
+                ctx.invoke(check, volume=name, repair=repair)
+            elif initial:
+                ctx.invoke(init, volume=name, dry_run=dry_run)
+            else:
+                from lvmirror import sync as pipelines
+                _report(_locked(ctx, name, pipelines.sync, dry_run=dry_run))
+        except LvError as e:
+            if not all_:
+                raise
+            log.error("%s: %s", name, e)
+            failures.append(e)
+    if failures:
+        log.error("%d of %d volumes failed", len(failures), len(names))
+        sys.exit(failures[0].exit_code)
+
+
+@cli.command()
+@click.argument("volume")
+@click.option("--repair", is_flag=True, help="Send just the blocks that differ, from the snapshot.")
+@click.pass_context
+def check(ctx: click.Context, volume: str, repair: bool) -> None:
+    """Compare VOLUME's destination with the snapshot it should hold; exit 6 on differences.
+
+    Prints the ranges that differ, one per line: OFFSET LENGTH data|zero.
+    """
+    from lvdeltafs.extents import format_ranges
+    from lvmirror import sync as pipelines
+    result, repaired = _locked(ctx, volume, pipelines.check, repair=repair)
+    if result.ok:
+        log.info("%s: destination matches snapshot %s (%d bytes)", volume, result.snapshot,
+                 result.checked_bytes)
+        return
+    sys.stdout.write(format_ranges(result.mismatched))
+    what = (f"{len(result.mismatched)} ranges ({result.mismatched.data_bytes + result.mismatched.zero_bytes} "
+            f"bytes) differ from snapshot {result.snapshot}")
+    if repaired is None:
+        raise Mismatch(f"{volume}: {what}; `lvmirror check --repair {volume}` sends just those")
+    log.warning("%s: %s; repaired", volume, what)
+    _report(repaired)
+
+
+@cli.command()
+@click.argument("volumes", nargs=-1)
+@click.pass_context
+def status(ctx: click.Context, volumes: tuple[str, ...]) -> None:
+    """Each volume's base snapshot, COW use, destination state and last sync."""
+    from lvmirror import sync as pipelines
+    cfg = _config(ctx)
+    names = volumes or tuple(sorted(cfg.volumes))
+    problems = 0
+    for name in names:
+        st = pipelines.status(cfg.volume(name))
+        click.echo(_status_text(st))
+        problems += bool(st.problems)
+    if problems:
+        sys.exit(1)
+
+
+def _status_text(st) -> str:
+    state = st.state
+    lines = [f"{st.name}: {st.source} -> {st.destination}"]
+    if state.get("snapshot"):
+        cow = "" if st.cow_percent is None else f", COW {st.cow_percent:.1f}% full"
+        lines.append(f"  base snapshot: {st.base or '(missing)'} {st.base_id}{cow}")
+        lines.append(f"  destination:   generation {state.get('generation')}, {state.get('size')} bytes, "
+                     f"last sync {state.get('synced')} ({state.get('source')})")
+        if state.get("needs_check"):
+            lines.append(f"  needs a check: a forced apply was made; run `lvmirror check {st.name}`")
+    elif not st.problems:
+        lines.append(f"  destination:   not initialised (run `lvmirror init {st.name}`)")
+    if st.snapshots:
+        lines.append(f"  snapshots:     {', '.join(st.snapshots)}")
+    lines.extend(f"  problem:       {p}" for p in st.problems)
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("delta", type=click.Path(exists=True))
+@click.argument("dest")
+@click.option("--state-dir", metavar="DIR", help="Where a block device DEST keeps its state.")
+@click.option("--force", is_flag=True, help="Apply even if DEST does not hold the delta's base; a full "
+              "check follows when the target snapshot is on this host.")
+def apply(delta: str, dest: str, state_dir: str | None, force: bool) -> None:
+    """Apply DELTA (a delta directory or stream file) to DEST with the receiver's checks."""
+    from lvmirror import sync as pipelines
+    outcome = pipelines.apply_file(delta, dest, state_dir, force=force)
+    _report(outcome)
+    if force:
+        pipelines.check_after_force(outcome, dest, state_dir)
 
 
 main = run_group(cli, "lvmirror")

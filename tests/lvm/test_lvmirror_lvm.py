@@ -1,0 +1,238 @@
+"""lvmirror end to end on real LVM (inside the VM): classic and thin volumes, image-file mirrors.
+
+Every sync runs while another thread keeps writing to the origin, and after
+every round the mirror must equal that round's snapshot byte for byte, with
+only lvmirror's base snapshot left.  Also: a classic snapshot that overflows,
+a base removed by hand, a volume grown between syncs, a wrong-base apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lvdeltafs import lvm
+from lvdeltafs.errors import EXIT_MISMATCH, EXIT_REFUSED
+from lvdeltafs.pairs import device_size
+from tests.harness import sh
+
+pytestmark = pytest.mark.lvm
+
+BIN = Path(sys.executable).parent
+MiB = 1 << 20
+VOLUME_MB = 32
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_at(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seeded_writes(path: str, size: int, seed: int, count: int = 12) -> None:
+    rng = random.Random(seed)
+    for _ in range(count):
+        length = rng.choice([512, 4096, 65536, 300_000])
+        offset = rng.randrange(0, size - length) // 512 * 512
+        write_at(path, offset, rng.randbytes(length))
+
+
+@contextmanager
+def writing_to(path: str, size: int, seed: int):
+    """A thread writing 4 KiB blocks to the origin for as long as the block runs."""
+    stop, done = threading.Event(), []
+
+    def run() -> None:
+        rng = random.Random(seed)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            while not stop.is_set() and len(done) < 400:
+                os.pwrite(fd, rng.randbytes(4096), rng.randrange(size // 4096) * 4096)
+                done.append(1)
+                if len(done) % 8 == 0:
+                    os.fsync(fd)
+                stop.wait(0.01)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        t.join()
+
+
+class Mirror:
+    """One configured volume with an image-file destination under /tmp."""
+
+    def __init__(self, tmp: Path, vg: str, lv: str, snapshot_size: str | None = "16M", keep: int = 1):
+        self.tmp, self.vg, self.lv, self.name = tmp, vg, lv, lv
+        self.image = tmp / f"{lv}.img"
+        self.cfg = tmp / "lvmirror.toml"
+        extra = f'snapshot_size = "{snapshot_size}"\n' if snapshot_size else ""
+        self.cfg.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\nkeep = {keep}\n'
+                            f'[volume.{lv}]\nvg = "{vg}"\nlv = "{lv}"\ndestination = "{self.image}"\n'
+                            + extra)
+        self.cfg.chmod(0o600)
+
+    @property
+    def origin(self) -> str:
+        return f"/dev/{self.vg}/{self.lv}"
+
+    def run(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+        out = subprocess.run([str(BIN / "lvmirror"), "-c", str(self.cfg), *args], capture_output=True,
+                             text=True)
+        assert out.returncode == expect, f"lvmirror {' '.join(args)} -> {out.returncode}:\n{out.stderr}"
+        return out
+
+    def state(self) -> dict:
+        return json.loads(Path(f"{self.image}.lvmirror-state").read_text())
+
+    def owned(self) -> list[lvm.LogicalVolume]:
+        tags = {"lvmirror", f"lvmirror_vol_{self.name}"}
+        return [x for x in lvm.list_lvs(self.vg) if tags <= set(x.tags)]
+
+    def assert_matches_base(self) -> lvm.LogicalVolume:
+        """The mirror equals the snapshot its state names, and that is the only snapshot left."""
+        state = self.state()
+        owned = self.owned()
+        assert [s.snapshot_id for s in owned] == [state["snapshot"]], (owned, state)
+        base = owned[0]
+        assert os.path.getsize(self.image) == device_size(base.path) == state["size"]
+        assert sha256_of(base.path) == sha256_of(self.image), f"mirror differs from {base.vg_lv}"
+        return base
+
+
+def classic(vg, tmp: Path) -> Mirror:
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)
+    return Mirror(tmp, vg.name, "data")
+
+
+def thin(vg, tmp: Path) -> Mirror:
+    vg.run("lvcreate", "-q", "--type", "thin-pool", "-L", "96M", "-n", "pool", vg.name)
+    vg.run("lvcreate", "-q", "-V", f"{VOLUME_MB}M", "-T", f"{vg.name}/pool", "-n", "tdata")
+    return Mirror(tmp, vg.name, "tdata", snapshot_size=None)
+
+
+@pytest.mark.parametrize("make", [classic, thin], ids=["classic", "thin"])
+def test_init_then_five_rounds_while_the_origin_is_written(vg, tmp_path, make):
+    m = make(vg, tmp_path)
+    size = VOLUME_MB * MiB
+    seeded_writes(m.origin, size, seed=1, count=20)
+    m.run("init", m.name)
+    base = m.assert_matches_base()
+    # The first copy skipped zero runs: the image is sparse.
+    assert os.stat(m.image).st_blocks * 512 < size
+    m.run("check", m.name)
+    for rnd in range(5):
+        seeded_writes(m.origin, size, seed=100 + rnd)
+        with writing_to(m.origin, size, seed=200 + rnd) as writes:
+            m.run("sync", m.name)
+        assert writes, "the background writer wrote nothing during the sync"
+        new = m.assert_matches_base()
+        assert new.uuid != base.uuid
+        assert m.state()["generation"] == rnd + 2
+        base = new
+    m.run("check", m.name)
+    out = m.run("status")
+    assert base.name in out.stdout and "generation 6" in out.stdout
+
+
+def test_overflowed_and_removed_base_fall_back_to_compare_resync(vg, tmp_path):
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)
+    m = Mirror(tmp_path, vg.name, "data", snapshot_size="4M")
+    size = VOLUME_MB * MiB
+    seeded_writes(m.origin, size, seed=3)
+    m.run("init", m.name)
+    base = m.assert_matches_base()
+    # 8 MiB of new data overflows the base's 4 MiB of COW space.
+    write_at(m.origin, 2 * MiB, random.Random(4).randbytes(8 * MiB))
+    assert lvm.get_lv(vg.name, base.name).is_invalid
+    out = m.run("sync", m.name)
+    assert base.name in out.stderr and "invalid" in out.stderr and "compare resync" in out.stderr
+    m.assert_matches_base()
+    assert m.state()["source"] == "compare"
+    # A base removed by hand: said so, and resynced by compare.
+    gone = m.owned()[0]
+    vg.run("lvremove", "-q", "-y", f"{vg.name}/{gone.name}")
+    seeded_writes(m.origin, size, seed=5)
+    out = m.run("sync", m.name)
+    assert gone.uuid in out.stderr and "is gone" in out.stderr
+    m.assert_matches_base()
+    m.run("check", m.name)
+    # Behind lvmirror's back: check finds it (exit 6), --repair mends it.
+    write_at(str(m.image), 5 * MiB, b"x" * 4096)
+    out = m.run("check", m.name, expect=EXIT_MISMATCH)
+    assert out.stdout.startswith(f"{5 * MiB} {MiB} data")
+    m.run("check", "--repair", m.name)
+    m.assert_matches_base()
+    # A dry run sends nothing and keeps no snapshot.
+    seeded_writes(m.origin, size, seed=6)
+    before = (m.state(), [s.uuid for s in m.owned()])
+    out = m.run("sync", "--dry-run", m.name)
+    assert "would send" in out.stdout
+    assert (m.state(), [s.uuid for s in m.owned()]) == before
+
+
+def test_volume_grown_between_syncs(make_vg, tmp_path):
+    vg = make_vg(size_mb=256)
+    size = VOLUME_MB * MiB
+    (tmp_path / "t").mkdir()
+    t = thin(vg, tmp_path / "t")
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)
+    (tmp_path / "c").mkdir()
+    c = Mirror(tmp_path / "c", vg.name, "data")
+    for m in (t, c):
+        seeded_writes(m.origin, size, seed=7)
+        m.run("init", m.name)
+    # Thin: lvextend works with snapshots present; the new tail is sent.
+    vg.run("lvextend", "-q", "-L", f"{VOLUME_MB + 8}M", f"{vg.name}/tdata")
+    write_at(t.origin, size + MiB, random.Random(8).randbytes(64 * 1024))
+    t.run("sync", t.name)
+    assert device_size(t.assert_matches_base().path) == size + 8 * MiB
+    # Classic: LVM refuses to resize an active origin that has snapshots; the mirror goes on.
+    grown = subprocess.run(["lvextend", "-q", "-L", f"{VOLUME_MB + 8}M", f"{vg.name}/data"],
+                           capture_output=True, text=True)
+    seeded_writes(c.origin, size, seed=9)
+    c.run("sync", c.name)
+    base = c.assert_matches_base()
+    assert device_size(base.path) == (size + 8 * MiB if grown.returncode == 0 else size), grown.stderr
+
+
+def test_apply_of_a_delta_to_a_mirror_holding_another_base_is_refused(vg, tmp_path):
+    m = classic(vg, tmp_path)
+    size = VOLUME_MB * MiB
+    seeded_writes(m.origin, size, seed=10)
+    m.run("init", m.name)
+    base = m.assert_matches_base()
+    # A delta between two hand-made snapshots: its base is not what the mirror holds.
+    vg.run("lvcreate", "-q", "-s", "-L", "8M", "-n", "s1", f"{vg.name}/data")
+    seeded_writes(m.origin, size, seed=11)
+    vg.run("lvcreate", "-q", "-s", "-L", "8M", "-n", "s2", f"{vg.name}/data")
+    sh(str(BIN / "lvdeltafs"), "export", f"{vg.name}/s1", f"{vg.name}/s2", str(tmp_path / "d"))
+    out = m.run("apply", str(tmp_path / "d"), str(m.image), expect=EXIT_REFUSED)
+    assert "refusing delta" in out.stderr
+    m.assert_matches_base()
+    assert m.owned()[0].uuid == base.uuid
