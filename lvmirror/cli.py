@@ -170,13 +170,22 @@ def _status_text(st) -> str:
 @click.option("--state-dir", metavar="DIR", help="Where a block device DEST keeps its state.")
 @click.option("--force", is_flag=True, help="Apply even if DEST does not hold the delta's base; a full "
               "check follows when the target snapshot is on this host.")
-def apply(delta: str, dest: str, state_dir: str | None, force: bool) -> None:
-    """Apply DELTA (a delta directory or stream file) to DEST with the receiver's checks."""
+@click.option("--ssh-key", type=click.Path(dir_okay=False), help="Private key for an ssh:// DEST "
+              "(default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa).")
+@click.option("--known-hosts", type=click.Path(dir_okay=False), help="known_hosts file for an ssh:// DEST "
+              "(default: ~/.ssh/known_hosts); the host key must be in it.")
+def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: str | None,
+          known_hosts: str | None) -> None:
+    """Apply DELTA (a delta directory or stream file) to DEST with the receiver's checks.
+
+    DEST is an image file, a block device, or ssh://[user@]host[:port]/path.
+    """
     from lvmirror import sync as pipelines
-    outcome = pipelines.apply_file(delta, dest, state_dir, force=force)
+    ssh = pipelines.SshOptions(ssh_key, known_hosts)
+    outcome = pipelines.apply_file(delta, dest, state_dir, force=force, ssh=ssh)
     _report(outcome)
     if force:
-        pipelines.check_after_force(outcome, dest, state_dir)
+        pipelines.check_after_force(outcome, dest, state_dir, ssh)
 
 
 main = run_group(cli, "lvmirror")

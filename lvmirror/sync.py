@@ -36,7 +36,14 @@ from lvdeltafs.sources import compare
 from lvmirror import snapshots
 from lvmirror.config import ConfigError, VolumeConfig
 from lvmirror.progress import Progress, human
-from lvmirror.transports import FileSource, LayoutSource, LocalTransport, ReceiverClient, stream_header
+from lvmirror.transports import (
+    FileSource,
+    LayoutSource,
+    LocalTransport,
+    ReceiverClient,
+    SshTransport,
+    stream_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +88,39 @@ class CheckResult:
 
 # ---- the receiver -----------------------------------------------------------
 
-def refuse_unsupported(vol: VolumeConfig) -> None:
-    if vol.destination.is_ssh:
-        raise ConfigError(f"{vol.where('destination')}: {vol.destination.raw}: ssh destinations are "
-                          "not yet supported by this release; use a local path for now")
+@dataclass(frozen=True)
+class SshOptions:
+    """How to reach an ssh:// destination: the private key and the known_hosts file."""
+
+    key: str | None = None
+    known_hosts: str | None = None
 
 
 @contextmanager
-def receiver_for(dest: str, state_dir: str | None) -> Iterator[ReceiverClient]:
-    """A receiver for a local destination, in a subprocess, for the length of the block."""
-    with LocalTransport(dest, state_dir) as client:
+def receiver_for(dest: str, state_dir: str | None, ssh: SshOptions | None = None) -> Iterator[ReceiverClient]:
+    """A receiver for ``dest`` for the length of the block: a local subprocess, or shipped over ssh."""
+    transport: LocalTransport | SshTransport
+    if dest.startswith("ssh://"):
+        ssh = ssh or SshOptions()
+        transport = SshTransport(dest, ssh.key, ssh.known_hosts, state_dir=state_dir)
+    else:
+        transport = LocalTransport(dest, state_dir)
+    with transport as client:
         yield client
 
 
 @contextmanager
 def volume_receiver(vol: VolumeConfig) -> Iterator[ReceiverClient]:
-    refuse_unsupported(vol)
-    with receiver_for(vol.destination.path, vol.state_dir) as client:
+    """The volume's receiver, reached the way its destination says."""
+    dest = vol.destination.raw if vol.destination.is_ssh else vol.destination.path
+    with receiver_for(dest, vol.state_dir, SshOptions(vol.ssh_key, vol.known_hosts)) as client:
         yield client
 
 
 def check_destination_not_on_source(vol: VolumeConfig, source: lvm.LogicalVolume) -> None:
     """Refuse a destination that lives on the source volume: each write would change what is mirrored."""
+    if vol.destination.is_ssh:
+        return  # on another host: its devices are not this host's to stat
     try:
         src_dev = os.stat(source.path).st_rdev
     except OSError as e:
@@ -276,7 +294,6 @@ def _thin_mapped(snap: lvm.LogicalVolume, size: int) -> Extents:
 
 def source_volume(vol: VolumeConfig) -> lvm.LogicalVolume:
     """The origin LV; a missing VG becomes an error naming the config key."""
-    refuse_unsupported(vol)
     try:
         source = snapshots.origin(vol)
     except CommandFailed as e:
@@ -425,7 +442,6 @@ def _resume_staged(vol: VolumeConfig, client: ReceiverClient, greeting: dict[str
 
 def check(vol: VolumeConfig, *, repair: bool = False) -> tuple[CheckResult, Outcome | None]:
     """Digests of the snapshot the destination holds against the destination's own."""
-    refuse_unsupported(vol)
     with volume_receiver(vol) as client:
         held = holds(state_of(hello(client)))
         if not held:
@@ -477,13 +493,14 @@ def stream_path(delta_path: str) -> str:
     return delta_path
 
 
-def apply_file(delta_path: str, dest: str, state_dir: str | None = None, *, force: bool = False) -> Outcome:
+def apply_file(delta_path: str, dest: str, state_dir: str | None = None, *, force: bool = False,
+               ssh: SshOptions | None = None) -> Outcome:
     """Apply a delta stream (or directory) to a destination with the receiver's checks."""
     summary = files.verify_path(delta_path)  # a damaged copy is refused before the receiver is asked
     path = stream_path(delta_path)
     source = FileSource(path)
     header = stream_header(source)
-    with receiver_for(dest, state_dir) as client:
+    with receiver_for(dest, state_dir, ssh) as client:
         with Progress(f"{os.path.basename(dest)}: apply", source.size) as bar:
             client.send_delta(source, header["delta_id"], force=force, progress=bar.update)
         client.apply()
@@ -493,7 +510,8 @@ def apply_file(delta_path: str, dest: str, state_dir: str | None = None, *, forc
                    int(summary.get("data_records", 0)) + int(summary.get("zero_records", 0)))
 
 
-def check_after_force(outcome: Outcome, dest: str, state_dir: str | None) -> CheckResult | None:
+def check_after_force(outcome: Outcome, dest: str, state_dir: str | None,
+                      ssh: SshOptions | None = None) -> CheckResult | None:
     """After a forced apply: a full check against the target snapshot, when it is on this host."""
     uuid = snapshots.uuid_of(outcome.target)
     try:
@@ -505,7 +523,7 @@ def check_after_force(outcome: Outcome, dest: str, state_dir: str | None) -> Che
         log.warning("%s: forced apply done; the target snapshot %s is not on this host, so run a full check "
                     "(`lvmirror check`) from the host that has it", dest, outcome.target)
         return None
-    with receiver_for(dest, state_dir) as client:
+    with receiver_for(dest, state_dir, ssh) as client:
         result, _ = check_against(client, os.path.basename(dest), snap.path, snapshots.size_of(snap))
     if not result.ok:
         raise Mismatch(f"{dest}: after the forced apply {len(result.mismatched)} ranges differ from "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from lvdeltafs.errors import (
 )
 from lvdeltafs.formats.stream import StreamError, StreamLayout, StreamReader
 from lvmirror.receiver import FRAME, MAX_LINE
+
+log = logging.getLogger(__name__)
 
 FRAME_BYTES = 1 << 20  # bulk bytes per frame sent
 
@@ -231,6 +234,9 @@ class ReceiverClient:
                 return {"ok": True, "verified": staged["verified"], "complete": True, "received": 0,
                         "delta_id": delta_id}
             offset = int(staged.get("verified") or 0)
+            if offset:
+                log.info("resuming delta %s at byte %d of %d: the receiver holds the rest verified",
+                         delta_id, offset, source.size)
         ready = self.request("receive", delta_id=delta_id, from_offset=offset, identity=header["identity"],
                              stream_size=source.size, force=force)
         return self._stream_bulk(source, int(ready["offset"]), progress)

@@ -87,14 +87,17 @@ def writing_to(path: str, size: int, seed: int):
 class Mirror:
     """One configured volume with an image-file destination under /tmp."""
 
-    def __init__(self, tmp: Path, vg: str, lv: str, snapshot_size: str | None = "16M", keep: int = 1):
+    def __init__(self, tmp: Path, vg: str, lv: str, snapshot_size: str | None = "16M", keep: int = 1,
+                 url: str | None = None, extra: str = ""):
+        """``url``: reach the image through this destination (ssh://...) instead of its path."""
         self.tmp, self.vg, self.lv, self.name = tmp, vg, lv, lv
         self.image = tmp / f"{lv}.img"
         self.cfg = tmp / "lvmirror.toml"
-        extra = f'snapshot_size = "{snapshot_size}"\n' if snapshot_size else ""
+        if snapshot_size:
+            extra += f'snapshot_size = "{snapshot_size}"\n'
         self.cfg.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\nkeep = {keep}\n'
-                            f'[volume.{lv}]\nvg = "{vg}"\nlv = "{lv}"\ndestination = "{self.image}"\n'
-                            + extra)
+                            f'[volume.{lv}]\nvg = "{vg}"\nlv = "{lv}"\n'
+                            f'destination = "{url or self.image}"\n' + extra)
         self.cfg.chmod(0o600)
 
     @property

@@ -245,13 +245,21 @@ def run_cli(*args: str, cfg: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "lvmirror"), "-c", str(cfg), *args], capture_output=True, text=True)
 
 
-def test_ssh_destination_is_refused_as_not_yet_supported(tmp_path):
+def test_ssh_destination_that_cannot_be_reached_is_a_connection_error(tmp_path):
+    from lvdeltafs.errors import EXIT_CONNECTION
+    from tests.harness import keygen
+    keygen(tmp_path / "key")
+    (tmp_path / "known_hosts").write_text("")
     cfg = write_config(tmp_path, '[volume.web]\nvg = "vg0"\nlv = "web"\n'
-                                 'destination = "ssh://backup@mirror:2222/srv/web.img"\n')
-    for args in (["sync", "web"], ["init", "web"], ["check", "web"]):
-        out = run_cli(*args, cfg=cfg)
-        assert out.returncode == EXIT_BAD_INPUT, out.stderr
-        assert "ssh destinations are not yet supported" in out.stderr and str(cfg) in out.stderr
+                                 'destination = "ssh://backup@mirror.invalid:2222/srv/web.img"\n'
+                                 f'ssh_key = "{tmp_path}/key"\nknown_hosts = "{tmp_path}/known_hosts"\n')
+    out = run_cli("check", "web", cfg=cfg)
+    assert out.returncode == EXIT_CONNECTION, out.stderr
+    assert "mirror.invalid" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # Without a key anywhere, the message says which setting to make.
+    cfg.write_text(cfg.read_text().replace(f'ssh_key = "{tmp_path}/key"\n', 'ssh_key = "/nonexistent/key"\n'))
+    out = run_cli("check", "web", cfg=cfg)
+    assert out.returncode != 0 and "/nonexistent/key" in out.stderr
 
 
 def test_cli_usage_errors_and_unknown_volume(tmp_path):
