@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -9,6 +10,42 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def write_at(path: str, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of a device or file and make it durable."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: str | Path, size: int | None = None) -> str:
+    """sha256 of a file or device (its first ``size`` bytes, if given)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size if size is not None else 1 << 62
+        while left > 0 and (block := f.read(min(1 << 20, left))):
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def apply_stream(image: Path, stream_path: Path) -> None:
+    """Apply a delta stream to an image: the tests' own minimal applier, independent of lvmirror's."""
+    from lvdeltafs.formats.stream import iter_records
+    with open(stream_path, "rb") as s, open(image, "r+b") as out:
+        for rec in iter_records(s):
+            if rec.type == "size":
+                out.truncate(rec.offset)
+            elif rec.type == "data":
+                out.seek(rec.offset)
+                out.write(rec.data)
+            elif rec.type == "zero":
+                out.seek(rec.offset)
+                out.write(bytes(rec.length))
 
 
 def sh(*argv: str, check: bool = True, input: bytes | None = None) -> str:

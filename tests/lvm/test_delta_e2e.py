@@ -6,8 +6,6 @@ that every byte written between the two snapshots lies in a data range.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import subprocess
 import sys
@@ -16,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from lvdeltafs.extents import DATA, ZERO, parse_ranges
-from lvdeltafs.formats.stream import iter_records
-from tests.harness import sh
+from tests.harness import apply_stream, sh, sha256_of, write_at
 
 pytestmark = pytest.mark.lvm
 
@@ -25,27 +22,12 @@ LVDELTAFS = str(Path(sys.executable).parent / "lvdeltafs")
 SECTOR = 512
 
 
-def sha256_of(path: str | Path, size: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = size if size is not None else 1 << 62
-        while left > 0 and (block := f.read(min(1 << 20, left))):
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
 
 
 def lv_size(path: str) -> int:
     return int(sh("blockdev", "--getsize64", path))
 
 
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def seeded_writes(rng: random.Random, size: int, chunk: int) -> list[tuple[int, int]]:
@@ -60,18 +42,6 @@ def seeded_writes(rng: random.Random, size: int, chunk: int) -> list[tuple[int, 
     return w
 
 
-def apply_stream(image: Path, stream_path: Path) -> None:
-    """Apply a delta stream to an image: the test's own minimal applier."""
-    with open(stream_path, "rb") as s, open(image, "r+b") as out:
-        for rec in iter_records(s):
-            if rec.type == "data":
-                out.seek(rec.offset)
-                out.write(rec.data)
-            elif rec.type == "zero":
-                out.seek(rec.offset)
-                out.write(bytes(rec.length))
-            elif rec.type == "size":
-                out.truncate(rec.offset)
 
 
 def assert_covers(ranges_text: str, writes: list[tuple[int, int]], size: int) -> None:

@@ -8,7 +8,6 @@ a base removed by hand, a volume grown between syncs, a wrong-base apply.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,7 +22,7 @@ import pytest
 from lvdeltafs import lvm
 from lvdeltafs.errors import EXIT_MISMATCH, EXIT_REFUSED
 from lvdeltafs.pairs import device_size
-from tests.harness import sh
+from tests.harness import sh, sha256_of, write_at
 
 pytestmark = pytest.mark.lvm
 
@@ -32,21 +31,8 @@ MiB = 1 << 20
 VOLUME_MB = 32
 
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def seeded_writes(path: str, size: int, seed: int, count: int = 12) -> None:

@@ -17,7 +17,8 @@ import time
 import pytest
 
 from lvdeltafs.errors import EXIT_MISMATCH
-from tests.lvm.test_lvmirror_lvm import BIN, VOLUME_MB, MiB, Mirror, seeded_writes, write_at
+from tests.harness import write_at
+from tests.lvm.test_lvmirror_lvm import BIN, VOLUME_MB, MiB, Mirror, seeded_writes
 
 pytestmark = pytest.mark.lvm
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lvdeltafs.extents import DATA, parse_ranges
-from tests.harness import sh
+from tests.harness import sh, write_at
 
 pytestmark = pytest.mark.lvm
 
@@ -24,13 +24,6 @@ MiB = 1 << 20
 STALE_AFTER = 3.5
 
 
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def scribble(dev: str, seed: int) -> None:

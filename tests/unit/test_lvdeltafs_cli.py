@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lvdeltafs.extents import DATA, ZERO, parse_ranges
-from lvdeltafs.formats.stream import iter_records
 from lvdeltafs.sources.cowimage import write_cow_image
+from tests.harness import apply_stream
 
 LVDELTAFS = str(Path(sys.executable).parent / "lvdeltafs")
 MiB = 1 << 20
@@ -35,20 +35,6 @@ def make_pair(tmp_path: Path, size: int = 5 * MiB + 4096, grow: int = 0) -> tupl
     return tmp_path / "base.img", tmp_path / "target.img"
 
 
-def apply_stream(base: Path, stream: Path, out: Path) -> None:
-    out.write_bytes(base.read_bytes())
-    with open(stream, "rb") as s, open(out, "r+b") as f:
-        for rec in iter_records(s):
-            if rec.type == "size":
-                f.truncate(rec.offset)
-            elif rec.type == "data":
-                f.seek(rec.offset)
-                f.write(rec.data)
-            elif rec.type == "zero":
-                f.seek(rec.offset)
-                f.write(bytes(rec.length))
-
-
 @pytest.mark.parametrize("grow", [0, 3 * MiB + 512])
 def test_compare_pair_export_reproduces_target(tmp_path, grow):
     base, target = make_pair(tmp_path, grow=grow)
@@ -62,7 +48,9 @@ def test_compare_pair_export_reproduces_target(tmp_path, grow):
     assert (tmp_path / "d" / "ranges").read_text() == out.stdout
     assert run("verify", str(tmp_path / "d")).returncode == 0
     assert run("verify", str(tmp_path / "d" / "delta")).returncode == 0
-    apply_stream(base, tmp_path / "d" / "delta", tmp_path / "rebuilt.img")
+    rebuilt = tmp_path / "rebuilt.img"
+    rebuilt.write_bytes(base.read_bytes())
+    apply_stream(rebuilt, tmp_path / "d" / "delta")
     assert hashlib.sha256((tmp_path / "rebuilt.img").read_bytes()).digest() == \
         hashlib.sha256(target.read_bytes()).digest()
 
