@@ -83,6 +83,8 @@ class LogicalVolume:
     origin_uuid: str
     pool: str
     thin_id: int | None
+    # lv_size as lvs reports it: for a classic snapshot, the size of its COW space, not of the
+    # volume it shows (pairs.device_size gives that).
     size: int
     chunk_size: int
     snap_percent: float | None
