@@ -10,11 +10,14 @@ that is not understood is refused rather than skipped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import re
 import signal
 import subprocess
 import tempfile
 import threading
+import time
 from array import array
 from collections.abc import Iterable, Iterator
 from types import FrameType, TracebackType
@@ -22,7 +25,7 @@ from types import FrameType, TracebackType
 import numpy as np
 
 from lvdeltafs.command import _environment, run
-from lvdeltafs.errors import BadInput, CommandFailed, UnsupportedFormat
+from lvdeltafs.errors import BadInput, Busy, CommandFailed, UnsupportedFormat
 from lvdeltafs.extents import DATA, ZERO, Extents
 
 SECTOR = 512
@@ -299,11 +302,41 @@ class MetadataSnapshot(contextlib.AbstractContextManager):
     so the release runs; the old handlers come back afterwards.
     """
 
-    def __init__(self, pool_dm_name: str, *, timeout: float = 60.0):
+    # The pool's one metadata snapshot is shared by every process on the host:
+    # without this lock, one run's "release a stale reservation" would pull the
+    # snapshot from under another run's thin_delta on the same pool.
+    LOCK_DIR = "/run/lock/lvdeltafs"
+    LOCK_WAIT = 3600.0
+
+    def __init__(self, pool_dm_name: str, *, timeout: float = 60.0, lock_dir: str | None = None):
         self.target = pool_dm_name if pool_dm_name.endswith("-tpool") else f"{pool_dm_name}-tpool"
         self.timeout = timeout
+        self.lock_dir = lock_dir or self.LOCK_DIR
+        self._lock_fd = -1
         self._old: dict[int, object] = {}
         self.held = False
+
+    def _lock_pool(self) -> None:
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.lock_dir, f"{self.target}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise Busy(f"pool {self.target}: another process has held its metadata snapshot for "
+                               f"over {self.LOCK_WAIT:.0f} s; check for a stuck thin_delta") from None
+                time.sleep(0.2)
+        self._lock_fd = fd
+
+    def _unlock_pool(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = -1
 
     def _message(self, what: str) -> None:
         run(["dmsetup", "message", self.target, "0", what], timeout=self.timeout,
@@ -319,10 +352,12 @@ class MetadataSnapshot(contextlib.AbstractContextManager):
     def __enter__(self) -> MetadataSnapshot:
         self._install_handlers()
         try:
+            self._lock_pool()
             self.release_stale()
             self._message("reserve_metadata_snap")
             self.held = True
         except BaseException:
+            self._unlock_pool()
             self._restore_handlers()
             raise
         return self
@@ -337,6 +372,7 @@ class MetadataSnapshot(contextlib.AbstractContextManager):
                 self._message("release_metadata_snap")
                 self.held = False
         finally:
+            self._unlock_pool()
             self._restore_handlers()
             for signum in deferred:
                 signal.raise_signal(signum)

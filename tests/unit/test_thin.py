@@ -243,3 +243,36 @@ def test_metadata_snapshot_other_release_failures_surface(monkeypatch):
     monkeypatch.setattr(thin, "run", broken)
     with pytest.raises(CommandFailed, match="No such device"), thin.MetadataSnapshot("vg-pool"):
         pass
+
+
+def test_metadata_snapshot_is_one_holder_per_pool_at_a_time(tmp_path, monkeypatch):
+    """Two holders of one pool take turns, so one's stale-release cannot pull the other's snapshot.
+
+    The dmsetup messages are recorded instead of sent: the host has no
+    device-mapper (the VM tests send them for real).
+    """
+    import threading
+    import time
+
+    from lvdeltafs.sources.thin import MetadataSnapshot
+
+    log: list[str] = []
+    monkeypatch.setattr(MetadataSnapshot, "_message", lambda self, what: log.append(what))
+    first_in = threading.Event()
+
+    def hold(name: str) -> None:
+        with MetadataSnapshot("vg-pool", lock_dir=str(tmp_path)):
+            log.append(f"{name} in")
+            first_in.set()
+            time.sleep(0.3)
+            log.append(f"{name} out")
+
+    a = threading.Thread(target=hold, args=("a",))
+    a.start()
+    first_in.wait(5)
+    b = threading.Thread(target=hold, args=("b",))
+    b.start()
+    a.join()
+    b.join()
+    assert log == ["release_metadata_snap", "reserve_metadata_snap", "a in", "a out", "release_metadata_snap",
+                   "release_metadata_snap", "reserve_metadata_snap", "b in", "b out", "release_metadata_snap"]
