@@ -72,7 +72,8 @@ Test hook: ``LVMIRROR_TEST_KILL_AT=PHASE:N`` makes the receiver SIGKILL itself
 at the N-th event of PHASE: ``receive`` (records staged), ``sync`` (staging
 progress saved), ``apply`` (destination writes), ``applied`` (after the
 destination fsync, before the new state), ``committed`` (after the new state,
-before the staging files are removed).  For the fault tests only.
+before the staging files are removed); and in the sending lvmirror,
+``rotate`` (before each old snapshot is removed).  For the fault tests only.
 """
 
 from __future__ import annotations
@@ -209,6 +210,11 @@ class _KillHook:
 
 
 _HOOK = _KillHook(os.environ.get("LVMIRROR_TEST_KILL_AT"))
+
+
+def test_hook(phase: str) -> None:
+    """The kill hook for the sender's own phases (``rotate``); a no-op unless the variable is set."""
+    _HOOK.tick(phase)
 
 
 # ---------------------------------------------------------------- small file helpers

@@ -225,3 +225,30 @@ def test_apply_of_a_delta_to_a_mirror_holding_another_base_is_refused(vg, tmp_pa
     assert "refusing delta" in out.stderr
     m.assert_matches_base()
     assert m.owned()[0].uuid == base.uuid
+
+
+KILL_POINTS = ["receive:2", "apply:3", "applied:1", "committed:1", "rotate:1"]
+
+
+def test_sync_killed_then_run_again_ends_equal_to_a_snapshot(vg, tmp_path):
+    """SIGKILL during transfer, during apply, between apply and state, during rotation.
+
+    LVMIRROR_TEST_KILL_AT is the receiver's test hook (and the sender's, for
+    ``rotate``): the process kills itself at that event, as a crash would.
+    One volume serves every point, one after another (each VM minute counts).
+    """
+    m = classic(vg, tmp_path)
+    size = VOLUME_MB * MiB
+    seeded_writes(m.origin, size, seed=31)
+    m.run("init", m.name)
+    for n, point in enumerate(KILL_POINTS):
+        write_at(m.origin, 4 * MiB, random.Random(32 + n).randbytes(3 * MiB))
+        seeded_writes(m.origin, size, seed=40 + n)
+        env = {**os.environ, "LVMIRROR_TEST_KILL_AT": point}
+        killed = subprocess.run([str(BIN / "lvmirror"), "-c", str(m.cfg), "sync", m.name],
+                                capture_output=True, text=True, env=env)
+        assert killed.returncode != 0, f"the kill hook {point} did not fire"
+        # Whatever the mirror holds now, the next run finishes or undoes it.
+        m.run("sync", m.name)
+        m.assert_matches_base()
+    m.run("check", m.name)
