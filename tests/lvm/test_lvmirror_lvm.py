@@ -252,3 +252,25 @@ def test_sync_killed_then_run_again_ends_equal_to_a_snapshot(vg, tmp_path):
         m.run("sync", m.name)
         m.assert_matches_base()
     m.run("check", m.name)
+
+
+def test_destination_filesystem_runs_full_then_space_is_freed(vg, tmp_path):
+    """A clear error and nothing applied; after space is freed, the next sync completes."""
+    small = tmp_path / "small"
+    small.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small))
+    try:
+        vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)
+        m = Mirror(small, vg.name, "data")
+        seeded_writes(m.origin, VOLUME_MB * MiB, seed=51)
+        m.run("init", m.name)
+        before = sha256_of(m.image)
+        write_at(m.origin, 8 * MiB, random.Random(52).randbytes(16 * MiB))
+        out = m.run("sync", m.name, expect=1)
+        assert "no space" in out.stderr.lower() and "nothing was applied" in out.stderr, out.stderr
+        assert sha256_of(m.image) == before
+        sh("mount", "-o", "remount,size=96m", str(small))
+        m.run("sync", m.name)
+        m.assert_matches_base()
+    finally:
+        sh("umount", "-l", str(small))
