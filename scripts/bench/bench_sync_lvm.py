@@ -80,7 +80,8 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench-lvm-", dir="/tmp"))
     pv_file = work / "pv.img"
-    os.truncate(pv_file, (args.size_mib * 2 + 256) << 20)
+    with open(pv_file, "wb") as f:
+        f.truncate((args.size_mib * 2 + 256) << 20)
     loop = sh("losetup", "-f", "--show", str(pv_file)).strip()
     sh("pvcreate", "-q", loop)
     sh("vgcreate", "-q", "bench", loop)
