@@ -109,7 +109,7 @@ class Mirror:
         owned = self.owned()
         assert [s.snapshot_id for s in owned] == [state["snapshot"]], (owned, state)
         base = owned[0]
-        assert os.path.getsize(self.image) == device_size(base.path) == state["size"]
+        assert device_size(str(self.image)) == device_size(base.path) == state["size"]
         assert sha256_of(base.path) == sha256_of(self.image), f"mirror differs from {base.vg_lv}"
         return base
 
@@ -274,3 +274,24 @@ def test_destination_filesystem_runs_full_then_space_is_freed(vg, tmp_path):
         m.assert_matches_base()
     finally:
         sh("umount", "-l", str(small))
+
+
+def test_block_device_destination(vg, tmp_path):
+    """A mirror on a block device (another LV holding old data): state kept in state_dir."""
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "mirror", vg.name)
+    dest = f"/dev/{vg.name}/mirror"
+    write_at(dest, 0, b"\xee" * (VOLUME_MB * MiB))  # what the device held before: must all go
+    state_dir = tmp_path / "state"
+    m = Mirror(tmp_path, vg.name, "data", url=dest, extra=f'state_dir = "{state_dir}"\n')
+    m.image = Path(dest)
+    m.state = lambda: json.loads(next(state_dir.glob("*.json")).read_text())
+    size = VOLUME_MB * MiB
+    seeded_writes(m.origin, size, seed=61)
+    m.run("init", m.name)
+    m.assert_matches_base()
+    for rnd in range(2):
+        seeded_writes(m.origin, size, seed=62 + rnd)
+        m.run("sync", m.name)
+        m.assert_matches_base()
+    m.run("check", m.name)
