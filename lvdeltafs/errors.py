@@ -17,6 +17,7 @@ EXIT_EXTERNAL = 5
 EXIT_MISMATCH = 6
 EXIT_BUSY = 7
 EXIT_CONNECTION = 8
+EXIT_NO_SPACE = 9
 
 
 class LvError(Exception):
@@ -89,3 +90,9 @@ class ConnectionProblem(LvError):
     """The link to a remote destination failed: refused, dropped, host key unknown or changed."""
 
     exit_code = EXIT_CONNECTION
+
+
+class NoSpace(LvError):
+    """The destination's filesystem (or the staging area) ran out of space; nothing was applied."""
+
+    exit_code = EXIT_NO_SPACE

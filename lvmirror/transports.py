@@ -26,6 +26,7 @@ from lvdeltafs.errors import (
     ConnectionProblem,
     CorruptDelta,
     LvError,
+    NoSpace,
     Refused,
     UnsupportedFormat,
 )
@@ -43,7 +44,7 @@ ERROR_CLASSES: dict[str, type[LvError]] = {
     "truncated": CorruptDelta,
     "unsupported": UnsupportedFormat,
     "busy": Busy,
-    "nospace": LvError,
+    "nospace": NoSpace,
     "state": LvError,
     "protocol": LvError,
     "io": LvError,

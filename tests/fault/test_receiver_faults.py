@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lvdeltafs.errors import ConnectionProblem, LvError
+from lvdeltafs.errors import ConnectionProblem, NoSpace
 from lvmirror.transports import BytesSource, LocalTransport
 from tests.unit.test_receiver import MiB, delta, image, sha, sha_file, staging_files
 
@@ -177,7 +177,7 @@ def test_staging_runs_out_of_space(small_fs: Path):
     filler = fill(small_fs, leave=MiB)
     ident, blob = delta(SMALL_OLD, SMALL_NEW, "vol@1", "vol@2")
     with session(dest) as rc:
-        with pytest.raises(LvError) as e:
+        with pytest.raises(NoSpace) as e:
             rc.send_delta(BytesSource(blob), ident.delta_id)
         msg = str(e.value)
         assert "no space left on" in msg and "nothing was applied" in msg and "free space" in msg, msg
@@ -203,7 +203,7 @@ def test_apply_runs_out_of_space_before_writing_anything(small_fs: Path):
         rc.send_delta(BytesSource(blob), ident.delta_id)
         # Staged (3 MiB); now leave less than the hole the delta fills.
         filler = fill(small_fs, leave=MiB // 2)
-        with pytest.raises(LvError) as e:
+        with pytest.raises(NoSpace) as e:
             rc.apply()
         msg = str(e.value)
         assert "no space left on" in msg and "nothing was applied" in msg, msg

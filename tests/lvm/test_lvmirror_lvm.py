@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lvdeltafs import lvm
-from lvdeltafs.errors import EXIT_MISMATCH, EXIT_REFUSED
+from lvdeltafs.errors import EXIT_MISMATCH, EXIT_NO_SPACE, EXIT_REFUSED
 from lvdeltafs.pairs import device_size
 from tests.harness import sh, sha256_of, write_at
 
@@ -266,7 +266,7 @@ def test_destination_filesystem_runs_full_then_space_is_freed(vg, tmp_path):
         m.run("init", m.name)
         before = sha256_of(m.image)
         write_at(m.origin, 8 * MiB, random.Random(52).randbytes(16 * MiB))
-        out = m.run("sync", m.name, expect=1)
+        out = m.run("sync", m.name, expect=EXIT_NO_SPACE)
         assert "no space" in out.stderr.lower() and "nothing was applied" in out.stderr, out.stderr
         assert sha256_of(m.image) == before
         sh("mount", "-o", "remount,size=96m", str(small))
