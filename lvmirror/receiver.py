@@ -451,7 +451,7 @@ class Destination:
             self.is_block = False  # an image file made by the first apply
         if self.is_block:
             folder = state_dir or DEFAULT_STATE_DIR
-            os.makedirs(folder, mode=0o755, exist_ok=True)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
             name = os.path.normpath(path).removeprefix("/dev/").strip("/").replace("/", "_")
             stem = os.path.join(folder, name)
             self.state_path, self.staging_path = f"{stem}.json", f"{stem}.staging"
@@ -503,7 +503,8 @@ class Destination:
         # by device-mapper: never write under a live filesystem.
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if self.is_block else os.O_CREAT)
         try:
-            return os.open(self.path, flags, 0o644)
+            # A new mirror image is private: it holds the volume's data.
+            return os.open(self.path, flags, 0o600)
         except OSError as e:
             if e.errno == errno.EBUSY:
                 raise RefusedError(f"{self.path} is in use (mounted, or held open by another program): "
@@ -914,7 +915,8 @@ class _Stager:
         self.identity = req.get("identity") if offset == 0 else (rx.progress() or {}).get("identity")
         self.reader_state = reader_state  # where verification resumes
         self.state_at_written = reader_state  # the verifier's state at `written` (None before SIZE)
-        self.fd = os.open(rx.dest.staging_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Private: the staged delta holds the volume's data.
+        self.fd = os.open(rx.dest.staging_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # Bytes past the durable point were never confirmed: drop them.
         os.ftruncate(self.fd, offset)
         os.lseek(self.fd, offset, os.SEEK_SET)

@@ -488,3 +488,13 @@ def test_init_over_a_foreign_file_is_refused_and_leaves_it_alone(dest: Path):
         sync(dest, ident, blob)
     assert sha_file(dest) == before
     assert staging_files(dest) == []
+
+
+def test_new_mirror_and_its_staging_are_private(dest: Path):
+    """Both hold the volume's data: readable by their owner only."""
+    ident, blob = delta(None, V1, "", "vol@1")
+    with LocalTransport(str(dest)) as rc:
+        rc.send_delta(BytesSource(blob), ident.delta_id)
+        assert os.stat(f"{dest}.lvmirror-staging").st_mode & 0o077 == 0
+        rc.apply()
+    assert os.stat(dest).st_mode & 0o077 == 0
