@@ -176,27 +176,25 @@ def _identity(pair: LvmPair, extents_chunk: int, source: str) -> Identity:
                     chunk_size=extents_chunk, source=source)
 
 
-def _grown_tail(extents: Extents, base_size: int, target_size: int) -> Extents:
-    """A grown volume's new tail is sent whole: a destination's new space may hold anything."""
-    if target_size > base_size:
-        return extents.with_tail(base_size, target_size)
-    return extents.clip(target_size)
+def _finish(pair: LvmPair, extents: Extents, chunk_size: int, source: str) -> Delta:
+    """The Delta of an LVM pair, once its extents are read."""
+    # The change list was read after the target existed; if either snapshot was
+    # invalidated meanwhile, what was read may be incomplete.
+    _recheck(pair)
+    delta = Delta(_identity(pair, chunk_size, source), extents,
+                  FileReader(pair.target.path, pair.target_size), point_in_time=pair.point_in_time)
+    if not pair.point_in_time:
+        delta.notes.append("target is the live origin: not point in time")
+    return delta
 
 
 def _classic_delta(pair: LvmPair) -> Delta:
     base = pair.base
     cow_dev = lvm.cow_device(base.vg, base.name)
     table = cow.read_exception_table(cow_dev, name=f"{base.vg}/{base.name}")
-    extents = cow.cow_extents(table, pair.base_size)
-    extents = _grown_tail(extents, pair.base_size, pair.target_size)
-    # The table was read after the target existed; if either snapshot was
-    # invalidated meanwhile, what we read may be incomplete.
-    _recheck(pair)
-    delta = Delta(_identity(pair, table.chunk_size, "cow"), extents,
-                  FileReader(pair.target.path, pair.target_size), point_in_time=pair.point_in_time)
-    if not pair.point_in_time:
-        delta.notes.append("target is the live origin: not point in time")
-    return delta
+    # A grown volume's new tail is sent whole: the destination's new space may hold anything.
+    extents = cow.cow_extents(table, pair.base_size).with_tail(pair.base_size, pair.target_size)
+    return _finish(pair, extents, table.chunk_size, "cow")
 
 
 def _thin_delta(pair: LvmPair) -> Delta:
@@ -213,12 +211,7 @@ def _thin_delta(pair: LvmPair) -> Delta:
         tail = Extents.from_ranges([pair.base_size], [pair.target_size - pair.base_size], [ZERO],
                                    pair.target_size)
         extents = extents.union(tail)
-    _recheck(pair)
-    delta = Delta(_identity(pair, block, "thin"), extents,
-                  FileReader(target.path, pair.target_size), point_in_time=pair.point_in_time)
-    if not pair.point_in_time:
-        delta.notes.append("target is the live origin: not point in time")
-    return delta
+    return _finish(pair, extents, block, "thin")
 
 
 def _recheck(pair: LvmPair) -> None:
