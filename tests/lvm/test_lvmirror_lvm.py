@@ -74,10 +74,17 @@ class Mirror:
     """One configured volume with an image-file destination under /tmp."""
 
     def __init__(self, tmp: Path, vg: str, lv: str, snapshot_size: str | None = "16M", keep: int = 1,
-                 url: str | None = None, extra: str = ""):
-        """``url``: reach the image through this destination (ssh://...) instead of its path."""
+                 url: str | None = None, extra: str = "", device: str | None = None):
+        """``url``: reach the image through this destination (ssh://...) instead of its path.
+
+        ``device``: the mirror is this block device, its state kept in ``tmp/state``.
+        """
         self.tmp, self.vg, self.lv, self.name = tmp, vg, lv, lv
-        self.image = tmp / f"{lv}.img"
+        self.image = Path(device) if device else tmp / f"{lv}.img"
+        self.state_dir = tmp / "state" if device else None
+        if device:
+            url = device
+            extra += f'state_dir = "{self.state_dir}"\n'
         self.cfg = tmp / "lvmirror.toml"
         if snapshot_size:
             extra += f'snapshot_size = "{snapshot_size}"\n'
@@ -97,7 +104,11 @@ class Mirror:
         return out
 
     def state(self) -> dict:
-        return json.loads(Path(f"{self.image}.lvmirror-state").read_text())
+        if self.state_dir:
+            (path,) = self.state_dir.glob("*.json")
+        else:
+            path = Path(f"{self.image}.lvmirror-state")
+        return json.loads(path.read_text())
 
     def owned(self) -> list[lvm.LogicalVolume]:
         tags = {"lvmirror", f"lvmirror_vol_{self.name}"}
@@ -282,10 +293,7 @@ def test_block_device_destination(vg, tmp_path):
     vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "mirror", vg.name)
     dest = f"/dev/{vg.name}/mirror"
     write_at(dest, 0, b"\xee" * (VOLUME_MB * MiB))  # what the device held before: must all go
-    state_dir = tmp_path / "state"
-    m = Mirror(tmp_path, vg.name, "data", url=dest, extra=f'state_dir = "{state_dir}"\n')
-    m.image = Path(dest)
-    m.state = lambda: json.loads(next(state_dir.glob("*.json")).read_text())
+    m = Mirror(tmp_path, vg.name, "data", device=dest)
     size = VOLUME_MB * MiB
     seeded_writes(m.origin, size, seed=61)
     m.run("init", m.name)
