@@ -11,6 +11,7 @@ import click
 from lvdeltafs import __version__
 from lvdeltafs.clisupport import run_group, setup_logging
 from lvdeltafs.errors import LvError, Mismatch
+from lvmirror.config import ConfigError
 
 log = logging.getLogger("lvmirror")
 
@@ -21,7 +22,7 @@ CONFIG_HELP = "Configuration file (default: $LVMIRROR_CONFIG, else /etc/lvmirror
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lvmirror")
 @click.option("-c", "--config", "config_path", metavar="PATH", help=CONFIG_HELP)
-@click.option("-v", "--verbose", count=True, help="More detail on stderr (repeat for debug).")
+@click.option("-v", "--verbose", count=True, help="Debug detail on stderr (without it: what each run does).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool) -> None:
@@ -62,7 +63,7 @@ def _report(outcome) -> None:
 @click.pass_context
 def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
     """First full copy of VOLUME to its destination (zero runs skipped)."""
-    from lvmirror import sync as pipelines
+    from lvmirror import pipelines
     _report(_locked(ctx, volume, pipelines.init, dry_run=dry_run))
 
 
@@ -84,6 +85,8 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
     if repair and not check_:
         raise click.UsageError("--repair goes with --check")
     names = sorted(_config(ctx).volumes) if all_ else [volume]
+    if not names:
+        raise ConfigError(f"{_config(ctx).path}: no [volume.NAME] tables, so --all has nothing to sync")
     failures: list[LvError] = []
     for name in names:
         try:
@@ -92,7 +95,7 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
             elif initial:
                 ctx.invoke(init, volume=name, dry_run=dry_run)
             else:
-                from lvmirror import sync as pipelines
+                from lvmirror import pipelines
                 _report(_locked(ctx, name, pipelines.sync, dry_run=dry_run))
         except LvError as e:
             if not all_:
@@ -114,7 +117,7 @@ def check(ctx: click.Context, volume: str, repair: bool) -> None:
     Prints the ranges that differ, one per line: OFFSET LENGTH data|zero.
     """
     from lvdeltafs.extents import format_ranges
-    from lvmirror import sync as pipelines
+    from lvmirror import pipelines
     result, repaired = _locked(ctx, volume, pipelines.check, repair=repair)
     if result.ok:
         log.info("%s: destination matches snapshot %s (%d bytes)", volume, result.snapshot,
@@ -134,12 +137,12 @@ def check(ctx: click.Context, volume: str, repair: bool) -> None:
 @click.pass_context
 def status(ctx: click.Context, volumes: tuple[str, ...]) -> None:
     """Each volume's base snapshot, COW use, destination state and last sync."""
-    from lvmirror import sync as pipelines
+    from lvmirror.status import status as volume_status
     cfg = _config(ctx)
     names = volumes or tuple(sorted(cfg.volumes))
     problems = 0
     for name in names:
-        st = pipelines.status(cfg.volume(name))
+        st = volume_status(cfg.volume(name))
         click.echo(_status_text(st))
         problems += bool(st.problems)
     if problems:
@@ -180,12 +183,46 @@ def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: st
 
     DEST is an image file, a block device, or ssh://[user@]host[:port]/path.
     """
-    from lvmirror import sync as pipelines
-    ssh = pipelines.SshOptions(ssh_key, known_hosts)
+    from lvmirror import pipelines
+    from lvmirror.transports import SshOptions
+    ssh = SshOptions(ssh_key, known_hosts)
     outcome = pipelines.apply_file(delta, dest, state_dir, force=force, ssh=ssh)
     _report(outcome)
     if force:
         pipelines.check_after_force(outcome, dest, state_dir, ssh)
+
+
+@cli.command()
+@click.argument("volume", required=False)
+@click.option("--dest", metavar="DEST", help="A destination that is not in the config (as given to `apply`).")
+@click.option("--state-dir", metavar="DIR", help="With --dest: where a block device DEST keeps its state.")
+@click.option("--ssh-key", type=click.Path(dir_okay=False), help="With an ssh:// --dest: the private key.")
+@click.option("--known-hosts", type=click.Path(dir_okay=False),
+              help="With an ssh:// --dest: the known_hosts file.")
+@click.pass_context
+def discard(ctx: click.Context, volume: str | None, dest: str | None, state_dir: str | None,
+            ssh_key: str | None, known_hosts: str | None) -> None:
+    """The way out of a stuck mirror: set aside what is staged for VOLUME's destination (or --dest).
+
+    Drops a staged or half-applied delta and what the state says the
+    destination holds, even a damaged state; the destination is left as it is.
+    The next `lvmirror sync` then resyncs it by comparing block digests.
+    """
+    from lvmirror import pipelines
+    from lvmirror.transports import SshOptions
+    if bool(volume) == bool(dest):
+        raise click.UsageError("name one VOLUME or give --dest DEST")
+    if volume:
+        vol = _config(ctx).volume(volume)
+        where = vol.destination.raw if vol.destination.is_ssh else vol.destination.path
+        _locked(ctx, volume,
+                lambda v: pipelines.discard(where, v.state_dir, SshOptions(v.ssh_key, v.known_hosts)))
+    else:
+        assert dest is not None
+        pipelines.discard(dest, state_dir, SshOptions(ssh_key, known_hosts))
+    log.info("%s: what was staged and recorded is set aside; the next sync resyncs by comparing block "
+             "digests",
+             volume or dest)
 
 
 main = run_group(cli, "lvmirror")

@@ -18,7 +18,6 @@ from lvdeltafs import lvm, pairs
 from lvdeltafs.errors import BadInput, SnapshotUnusable
 from lvdeltafs.lvm import LogicalVolume
 from lvmirror.config import VolumeConfig
-from lvmirror.receiver import test_hook
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,6 @@ def rotate(vol: VolumeConfig, base_id: str, also_keep: tuple[str, ...] = ()) -> 
     for s in others:
         if s.uuid in keep_extra and not s.is_invalid:
             continue
-        test_hook("rotate")
         lvm.remove_lv(s.vg, s.name)
         log.info("removed snapshot %s/%s", s.vg, s.name)
         removed.append(s.name)

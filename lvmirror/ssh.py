@@ -19,9 +19,7 @@ import collections
 import getpass
 import hashlib
 import io
-import json
 import logging
-import re
 import shlex
 import socket
 import threading
@@ -32,6 +30,7 @@ import paramiko
 from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 from lvdeltafs.errors import ConnectionProblem
+from lvmirror import bundle
 from lvmirror.config import ConfigError, Destination, parse_destination
 
 log = logging.getLogger(__name__)
@@ -49,76 +48,6 @@ REKEY_LIMIT = 1 << 40
 WINDOW = 8 << 20
 KEEPALIVE = 15  # seconds between ssh keepalives: they keep NAT state and let TCP notice a dead peer
 DEAD_PEER = 120  # seconds of unacknowledged sending after which the far host counts as gone
-# Exit statuses of the bootstrap: 127 is the shell's "command not found".
-EXIT_NOT_FOUND = 127
-EXIT_PYTHON_TOO_OLD = 90
-EXIT_BAD_BLOB = 91
-MIN_PYTHON = (3, 10)  # the stream module uses dataclass(slots=True)
-
-# What runs on the far side.  Everything user-controlled (paths, arguments) arrives as data on
-# stdin, so this text is a constant.  The modules are executed in memory: nothing is written on
-# the far host before the receiver decides what to write.  The blob is read from fd 0 with
-# os.read, never through sys.stdin's buffer, so no byte of the protocol that follows is swallowed
-# by a read-ahead the receiver would not see.
-_BOOTSTRAP = f"""\
-import sys, os, json, types, linecache
-if sys.version_info < {MIN_PYTHON!r}:
-    sys.stderr.write('lvmirror: python %d.%d on this host is too old; the receiver needs '
-                     '{MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer\\n' % sys.version_info[:2])
-    sys.exit({EXIT_PYTHON_TOO_OLD})
-def take(n):
-    buf = b''
-    while len(buf) < n:
-        more = os.read(0, n - len(buf))
-        if not more:
-            sys.stderr.write('lvmirror: the bootstrap blob ended early\\n')
-            sys.exit({EXIT_BAD_BLOB})
-        buf += more
-    return buf
-blob = json.loads(take(int.from_bytes(take(8), 'little')))
-# The shipped modules win over any copy of the project installed on this host.
-for name in ('lvdeltafs', 'lvmirror'):
-    sys.modules[name] = None
-for name, source in blob['modules']:
-    filename = '<lvmirror ' + name + '>'
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    module = types.ModuleType(name)
-    module.__file__ = filename
-    sys.modules[name] = module
-    exec(compile(source, filename, 'exec'), module.__dict__)
-sys.exit(sys.modules[blob['main']].main(blob['argv']))
-"""
-
-
-def bootstrap_command(remote_python: str = "python3") -> str:
-    """The one command line sent to the remote shell: a constant except for the python name.
-
-    The code travels base64-encoded in one line, so any login shell (sh, bash, csh, fish) passes
-    it through untouched; ``remote_python`` is checked to be a plain command name or path.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_./+-]+", remote_python):
-        raise ConfigError(f"remote python {remote_python!r} must be a plain command name or path")
-    encoded = base64.b64encode(_BOOTSTRAP.encode()).decode()
-    code = f"import base64;exec(base64.b64decode('{encoded}'))"
-    # -I: ignore PYTHON* variables and the user's site-packages on the far side.
-    return f"exec {shlex.quote(remote_python)} -I -c {shlex.quote(code)}"
-
-
-def bootstrap_blob(modules: list[tuple[str, str]], main: str, argv: list[str]) -> bytes:
-    """The length-prefixed JSON the bootstrap reads: modules in import order, then main(argv)."""
-    raw = json.dumps({"modules": modules, "main": main, "argv": argv}).encode()
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def receiver_modules() -> list[tuple[str, str]]:
-    """The receiver and the stream module it imports, as top-level modules (its ``import stream``)."""
-    import lvdeltafs.formats.stream as stream_mod
-    import lvmirror.receiver as receiver_mod
-
-    return [("stream", Path(stream_mod.__file__).read_text()),
-            ("receiver", Path(receiver_mod.__file__).read_text())]
-
-
 # ---------------------------------------------------------------- names, keys, host keys
 
 
@@ -358,7 +287,7 @@ class RemoteLink:
         try:
             self.channel = transport.open_session(window_size=WINDOW, timeout=open_timeout)
             self.channel.settimeout(io_timeout)
-            self.channel.exec_command(bootstrap_command(remote_python))
+            self.channel.exec_command(bundle.remote_command(remote_python))
         except (paramiko.SSHException, EOFError, OSError) as e:
             raise ConnectionProblem(f"cannot start a command on {host} over ssh: {e}") from None
         self._drainer = threading.Thread(target=self._drain_stderr, name=f"ssh-stderr-{host}", daemon=True)
@@ -366,9 +295,9 @@ class RemoteLink:
         self.reader = io.BufferedReader(_ChannelReader(self), buffer_size=1 << 20)
         self.writer = io.BufferedWriter(_ChannelWriter(self), buffer_size=1 << 20)
 
-    def ship(self, modules: list[tuple[str, str]], main: str, argv: list[str]) -> None:
+    def ship(self, blob: bytes) -> None:
         """Send the bootstrap its modules and the receiver's arguments."""
-        self.writer.write(bootstrap_blob(modules, main, argv))
+        self.writer.write(blob)
         self.writer.flush()
 
     def _drain_stderr(self) -> None:
@@ -417,12 +346,12 @@ class RemoteLink:
         status = self.exit_status() if self.transport.is_active() else None
         self._drainer.join(2.0)
         last = self.stderr_tail().splitlines()[-1:] or [""]
-        if status == EXIT_NOT_FOUND:
+        if status == bundle.EXIT_NOT_FOUND:
             said = f" ({last[0]})" if last[0] else ""
             return ConnectionProblem(
                 f"{self.remote_python} was not found on {self.host} (exit status 127){said}: install "
                 "python3 there; the receiver needs nothing else")
-        if status in (EXIT_PYTHON_TOO_OLD, EXIT_BAD_BLOB):
+        if status in (bundle.EXIT_PYTHON_TOO_OLD, bundle.EXIT_BAD_BLOB):
             return ConnectionProblem(f"the receiver could not start on {self.host}: {last[0]}")
         if status is not None:
             detail = f": {last[0]}" if last[0] else ""
@@ -434,7 +363,7 @@ class RemoteLink:
         if isinstance(exc, TimeoutError):
             return ConnectionProblem(f"no progress from the receiver on {self.host} within "
                                      f"{self.channel.gettimeout():g} s while {what}; {RESUMES}")
-        return self.lost(f"{what}: {exc or type(exc).__name__}")
+        return self.lost(f"{what}: {str(exc) or type(exc).__name__}")
 
     def close(self, wait: float = 30.0) -> int | None:
         """End our side, give the receiver ``wait`` s to finish, close the connection; its exit status."""
@@ -507,7 +436,7 @@ def open_link(dest: Destination, *, key: str | Path | None = None, known_hosts: 
     transport = connect(dest.host, dest.port, user, pkey, hosts, timeout=timeout, compress=compress)
     try:
         link = RemoteLink(transport, dest.host, remote_python, io_timeout=io_timeout, open_timeout=timeout)
-        link.ship(receiver_modules(), "receiver", argv if argv is not None else [dest.path])
+        link.ship(bundle.blob(argv if argv is not None else [dest.path]))
         return link
     except BaseException:
         transport.close()

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lvdeltafs.delta import Identity
+from lvdeltafs.formats import stream as S
+from tests.encoder import write_stream
 
 
 def write_at(path: str, offset: int, data: bytes) -> None:
@@ -188,3 +194,87 @@ def wait_for_mount(mountpoint: Path, proc: subprocess.Popen, timeout: float) -> 
             raise AssertionError(f"FUSE process exited ({proc.returncode}) before mounting: {out}")
         time.sleep(0.05)
     raise AssertionError(f"{mountpoint} was not mounted within {timeout} s")
+
+
+# ---------------------------------------------------------------- deltas for the receiver's tests
+
+class BytesSource:
+    """A delta stream held in memory, sent as lvmirror sends any stream source."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    def read_from(self, offset: int) -> Iterator[bytes]:
+        view = memoryview(self.data)
+        for p in range(offset, self.size, 1 << 20):
+            yield bytes(view[p:p + (1 << 20)])
+
+
+MiB = 1 << 20
+BLOCK = 4096
+VOL = "vol-uuid"
+
+
+
+
+def image(size: int, islands: list[tuple[int, int]], seed: int) -> bytes:
+    """Zeros with random data in each (offset, length) island."""
+    rnd = random.Random(seed)
+    out = bytearray(size)
+    for off, ln in islands:
+        out[off:off + ln] = rnd.randbytes(ln)
+    return bytes(out)
+
+
+def changed(old: bytes | None, new: bytes) -> list[tuple[int, int, int]]:
+    """Extents that turn ``old`` into ``new`` at 4 KiB granularity.
+
+    Blocks that differ become DATA, or ZERO when the new block is all zeros.
+    An init (no old side) sends only non-zero blocks: the rest stays holes.
+    Bytes past the old size read as zeros after the receiver grows the file.
+    """
+    out = []
+    for off in range(0, len(new), BLOCK):
+        nb = new[off:off + BLOCK]
+        ob = old[off:off + len(nb)] if old is not None else bytes(len(nb))
+        ob = ob + bytes(len(nb) - len(ob))
+        if nb == ob:
+            continue
+        out.append((off, len(nb), S.KIND_ZERO if nb.count(0) == len(nb) else S.KIND_DATA))
+    return out
+
+
+def delta(old: bytes | None, new: bytes, base: str, target: str, *, source: str = "cow",
+          volume: str = VOL, pieces: list[tuple[int, int, int]] | None = None) -> tuple[Identity, bytes]:
+    """(identity, stream bytes) of the delta from ``old`` (snapshot ``base``) to ``new``."""
+    ident = Identity(volume, base, target, len(old) if old is not None else 0, len(new), BLOCK, source)
+    pieces = changed(old, new) if pieces is None else pieces
+    blob = b"".join(write_stream(ident.to_dict(), len(new), pieces, lambda o, n: new[o:o + n],
+                                 delta_id=ident.delta_id))
+    return ident, blob
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def sync(dest: str | Path, ident: Identity, blob: bytes, **kw) -> dict:
+    """One session of the real receiver (the shipped bundle in a subprocess): stage the delta and apply it."""
+    from lvmirror.transports import LocalTransport
+    with LocalTransport(str(dest), kw.get("state_dir")) as rc:
+        rc.send_delta(BytesSource(blob), ident.delta_id, force=kw.get("force", False))
+        return rc.apply()
+
+
+def staging_files(dest: str | Path) -> list[str]:
+    return [p for p in (f"{dest}.lvmirror-staging", f"{dest}.lvmirror-staging.progress") if os.path.exists(p)]
+
+
+V1 = image(8 * MiB, [(0, 64 << 10), (3 * MiB, 2 * MiB + 100)], seed=1)
+V2 = image(8 * MiB, [(0, 64 << 10), (3 * MiB, 2 * MiB + 100), (6 * MiB, MiB)], seed=2)
+V2 = V2[:3 * MiB + 4096] + bytes(8192) + V2[3 * MiB + 12288:]  # a range that becomes zeros

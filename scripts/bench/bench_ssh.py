@@ -37,7 +37,8 @@ from lvdeltafs.delta import Delta, FileReader, Identity  # noqa: E402
 from lvdeltafs.extents import DATA, Extents  # noqa: E402
 from lvdeltafs.formats.files import stream_layout  # noqa: E402
 from lvmirror import ssh  # noqa: E402
-from lvmirror.transports import LayoutSource, LocalTransport, SshTransport  # noqa: E402
+from lvmirror.client import LayoutSource  # noqa: E402
+from lvmirror.transports import LocalTransport, SshTransport  # noqa: E402
 from tests.harness import Sshd, start_sshd  # noqa: E402
 
 MiB = 1 << 20

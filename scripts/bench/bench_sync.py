@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lvdeltafs.formats.files import stream_layout  # noqa: E402
 from lvdeltafs.pairs import cow_image_delta  # noqa: E402
-from lvdeltafs.sources.cowimage import write_cow_image  # noqa: E402
-from lvmirror.transports import LayoutSource, LocalTransport  # noqa: E402
+from lvmirror.client import LayoutSource  # noqa: E402
+from lvmirror.transports import LocalTransport  # noqa: E402
+from tests.cowimage import write_cow_image  # noqa: E402
 
 CHUNK = 64 * 1024
 GiB = 1 << 30

@@ -3,7 +3,7 @@
 The promise checked: after any fault, the next session leaves the destination
 equal to the old or the new target byte for byte (never a mix), and a further
 sync completes.  Kills use the receiver's test hook
-``LVMIRROR_TEST_KILL_AT=PHASE:N`` (see lvmirror/receiver.py).
+``LVMIRROR_TEST_KILL_AT=PHASE:N`` (see lvmirror/remote/faults.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from lvdeltafs.errors import ConnectionProblem, NoSpace
-from lvmirror.transports import BytesSource, LocalTransport
-from tests.unit.test_receiver import MiB, delta, image, sha, sha_file, staging_files
+from lvmirror.transports import LocalTransport
+from tests.harness import BytesSource, MiB, delta, image, sha, sha_file, staging_files
 
 # Many records and writes: islands of assorted sizes, some over 1 MiB, and ranges that become zeros.
 OLD = image(12 * MiB, [(i * MiB + 4096 * i, 300_000 + 50_000 * i) for i in range(0, 12, 2)], seed=11)
@@ -57,12 +57,12 @@ def finish_and_sync_further(dest: Path, ident, blob: bytes) -> None:
     with session(dest) as rc:
         h = rc.hello()
         assert sha_file(dest) in (sha(OLD), sha(NEW)), "the destination is a mix after recovery"
-        if h["state"]["snapshot"] == "vol@1":
+        if h.state["snapshot"] == "vol@1":
             assert sha_file(dest) == sha(OLD)
             rc.send_delta(BytesSource(blob), ident.delta_id)
             rc.apply()
         assert sha_file(dest) == sha(NEW)
-        assert rc.state()["generation"] == 2
+        assert rc.hello().state["generation"] == 2
         nident, nblob = delta(NEW, NEWER, "vol@2", "vol@3")
         rc.send_delta(BytesSource(nblob), nident.delta_id)
         rc.apply()
@@ -79,8 +79,8 @@ def test_killed_while_receiving(at_old: Path, kill_at: str):
         rc.apply()  # reached only if the kill point was never hit
     assert sha_file(at_old) == sha(OLD)
     with session(at_old) as rc:
-        staged = rc.hello()["staged"]
-        held = staged["verified"] if staged else 0
+        staged = rc.hello().staged
+        held = staged.verified if staged else 0
         rc.send_delta(BytesSource(blob), ident.delta_id)
         assert rc.bytes_sent == len(blob) - held
         if kill_at.startswith("sync"):
@@ -99,9 +99,9 @@ def test_killed_while_applying(at_old: Path, kill_at: str):
     with session(at_old) as rc:
         h = rc.hello()
         if not kill_at.startswith("committed"):
-            assert h["replayed"] == ident.delta_id
-        assert h["state"]["snapshot"] == "vol@2" and "applying" not in h["state"]
-        assert h["staged"] is None
+            assert h.replayed == ident.delta_id
+        assert h.state["snapshot"] == "vol@2" and "applying" not in h.state
+        assert h.staged is None
     assert sha_file(at_old) == sha(NEW)
     finish_and_sync_further(at_old, ident, blob)
 
@@ -127,7 +127,7 @@ def test_killed_while_initialising(tmp_path: Path):
         with pytest.raises(ConnectionProblem):
             rc.apply()
     with session(dest) as rc:
-        assert rc.hello()["replayed"] == ident.delta_id
+        assert rc.hello().replayed == ident.delta_id
     assert sha_file(dest) == sha(OLD) and state(dest)["generation"] == 1
 
 
@@ -185,11 +185,12 @@ def test_staging_runs_out_of_space(small_fs: Path):
         assert "no space left on" in msg and "nothing was applied" in msg and "free space" in msg, msg
         assert f"{dest}'s filesystem" in msg
         # The session is still usable, and nothing changed.
-        assert rc.hello()["state"]["generation"] == 1
+        assert rc.hello().state["generation"] == 1
     assert sha_file(dest) == sha(SMALL_OLD)
     filler.unlink()
     with session(dest) as rc:
-        held = (rc.hello()["staged"] or {}).get("verified", 0)
+        staged = rc.hello().staged
+        held = staged.verified if staged else 0
         rc.send_delta(BytesSource(blob), ident.delta_id)
         assert rc.bytes_sent == len(blob) - held
         rc.apply()
@@ -210,8 +211,8 @@ def test_apply_runs_out_of_space_before_writing_anything(small_fs: Path):
         msg = str(e.value)
         assert "no space left on" in msg and "nothing was applied" in msg, msg
         h = rc.hello()
-        assert h["state"]["generation"] == 1 and "applying" not in h["state"]
-        assert h["staged"]["complete"]
+        assert h.state["generation"] == 1 and "applying" not in h.state
+        assert h.staged is not None and h.staged.complete
     assert sha_file(dest) == sha(SMALL_OLD)
     filler.unlink()
     with session(dest) as rc:

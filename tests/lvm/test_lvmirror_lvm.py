@@ -241,12 +241,23 @@ def test_apply_of_a_delta_to_a_mirror_holding_another_base_is_refused(vg, tmp_pa
 KILL_POINTS = ["receive:2", "apply:3", "applied:1", "committed:1", "rotate:1"]
 
 
+def kill_on_lvremove(tmp_path: Path) -> Path:
+    """A folder whose `lvremove` SIGKILLs the process that runs it (lvmirror), as a crash mid-rotation would."""
+    shim = tmp_path / "kill-on-lvremove"
+    shim.mkdir(exist_ok=True)
+    script = shim / "lvremove"
+    script.write_text("#!/bin/sh\nkill -KILL $PPID\nsleep 5\nexit 1\n")
+    script.chmod(0o755)
+    return shim
+
+
 def test_sync_killed_then_run_again_ends_equal_to_a_snapshot(vg, tmp_path):
     """SIGKILL during transfer, during apply, between apply and state, during rotation.
 
-    LVMIRROR_TEST_KILL_AT is the receiver's test hook (and the sender's, for
-    ``rotate``): the process kills itself at that event, as a crash would.
-    One volume serves every point, one after another (each VM minute counts).
+    LVMIRROR_TEST_KILL_AT is the receiver's test hook: the receiver kills
+    itself at that event, as a crash would.  ``rotate`` puts an ``lvremove``
+    first on PATH that SIGKILLs lvmirror (its parent) before any snapshot is
+    removed.  One volume serves every point, one after another (each VM minute counts).
     """
     m = classic(vg, tmp_path)
     size = VOLUME_MB * MiB
@@ -256,6 +267,8 @@ def test_sync_killed_then_run_again_ends_equal_to_a_snapshot(vg, tmp_path):
         write_at(m.origin, 4 * MiB, random.Random(32 + n).randbytes(3 * MiB))
         seeded_writes(m.origin, size, seed=40 + n)
         env = {**os.environ, "LVMIRROR_TEST_KILL_AT": point}
+        if point.startswith("rotate"):
+            env["PATH"] = f"{kill_on_lvremove(tmp_path)}:{env['PATH']}"
         killed = subprocess.run([str(BIN / "lvmirror"), "-c", str(m.cfg), "sync", m.name],
                                 capture_output=True, text=True, env=env)
         assert killed.returncode != 0, f"the kill hook {point} did not fire"

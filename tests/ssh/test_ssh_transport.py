@@ -19,11 +19,22 @@ import pytest
 
 from lvdeltafs.errors import ConnectionProblem, LvError
 from lvdeltafs.formats.stream import HEAD_SIZE, MAX_DATA
-from lvmirror import ssh
+from lvmirror import bundle, ssh
+from lvmirror.client import ReceiverClient
 from lvmirror.config import ConfigError
-from lvmirror.transports import BytesSource, ReceiverClient, SshTransport
-from tests.harness import free_port, keygen, wait_for_banner
-from tests.unit.test_receiver import V1, V2, delta, sha, sha_file, staging_files
+from lvmirror.transports import SshTransport
+from tests.harness import (
+    V1,
+    V2,
+    BytesSource,
+    delta,
+    free_port,
+    keygen,
+    sha,
+    sha_file,
+    staging_files,
+    wait_for_banner,
+)
 
 pytestmark = pytest.mark.ssh
 
@@ -69,15 +80,15 @@ def test_parse_ssh_url_and_known_hosts_names():
 
 
 def test_bootstrap_command_is_a_constant_that_carries_no_user_text():
-    cmd = ssh.bootstrap_command()
+    cmd = bundle.remote_command()
     words = shlex.split(cmd)
     assert words[:4] == ["exec", "python3", "-I", "-c"] and len(words) == 5
     # The code is one line of base64 text: nothing a shell (any shell) would interpret.
     assert "\n" not in cmd and "$" not in cmd and "`" not in cmd
-    assert ssh.bootstrap_command("/opt/py/bin/python3") == cmd.replace("python3", "/opt/py/bin/python3", 1)
+    assert bundle.remote_command("/opt/py/bin/python3") == cmd.replace("python3", "/opt/py/bin/python3", 1)
     for bad in ("python3; rm -rf /", "py thon", "$(id)", ""):
-        with pytest.raises(ConfigError):
-            ssh.bootstrap_command(bad)
+        with pytest.raises(LvError, match="plain command name"):
+            bundle.remote_command(bad)
 
 
 def test_dest_paths_travel_as_data_not_through_the_shell(sshd, tmp_path):
@@ -97,7 +108,7 @@ def test_dest_paths_travel_as_data_not_through_the_shell(sshd, tmp_path):
 def test_known_host_key_is_accepted_and_the_receiver_answers(sshd, tmp_path):
     with transport(sshd, tmp_path / "m.img") as rc:
         hello = rc.hello()
-    assert hello["dest"] == str(tmp_path / "m.img") and hello["state"] is None and hello["version"] == 1
+    assert hello.dest == str(tmp_path / "m.img") and hello.state == {} and hello.kind == "file"
 
 
 def test_hashed_known_hosts_entries_are_honoured(sshd, tmp_path):
@@ -106,7 +117,7 @@ def test_hashed_known_hosts_entries_are_honoured(sshd, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(kh)], check=True, capture_output=True)
     assert kh.read_text().startswith("|1|")
     with transport(sshd, tmp_path / "m.img", known_hosts=str(kh)) as rc:
-        assert rc.hello()["state"] is None
+        assert rc.hello().state == {}
 
 
 def test_unknown_host_key_is_refused_with_its_fingerprint(sshd, tmp_path):
@@ -290,9 +301,9 @@ def test_cut_mid_transfer_then_resume_resends_only_the_unverified_tail(sshd, tmp
     _wait_unlocked(Path(f"{dest}.lvmirror-lock"))
 
     with transport(sshd, dest) as rc2:
-        staged = rc2.hello()["staged"]
-        assert staged["delta_id"] == ident.delta_id and not staged["complete"]
-        verified = staged["verified"]
+        staged = rc2.hello().staged
+        assert staged is not None and staged.delta_id == ident.delta_id and not staged.complete
+        verified = staged.verified
         rc2.send_delta(BytesSource(blob), ident.delta_id)
         resent = rc2.bytes_sent
         rc2.apply()
@@ -314,7 +325,7 @@ def test_reconnecting_after_a_failure_works(sshd, tmp_path):
         rc.hello()
     t.close()
     with transport(sshd, tmp_path / "m.img") as rc2:
-        assert rc2.hello()["state"] is None
+        assert rc2.hello().state == {}
 
 
 # ---------------------------------------------------------------- one long connection
@@ -382,7 +393,7 @@ def test_client_is_a_receiver_client_over_the_channel(sshd, tmp_path):
     t = transport(sshd, tmp_path / "m.img")
     with t as rc:
         assert isinstance(rc, ReceiverClient)
-        assert rc.state() is None
+        assert rc.hello().state == {}
     assert not t.link.transport.is_active()
 
 
@@ -399,7 +410,7 @@ def test_far_side_stderr_is_drained_so_the_channel_never_stalls(sshd):
     t = ssh.connect(sshd.host, sshd.port, sshd.user, ssh.load_key(sshd.client_key), hosts)
     link = ssh.RemoteLink(t, sshd.host, "python3", io_timeout=30)
     try:
-        link.ship([("flood", flood)], "flood", ["arg"])
+        link.ship(bundle.blob(["arg"], [("flood", flood)], "flood"))
         assert link.reader.readline() == b"done arg\n"
         assert link.exit_status() == 3
         link._drainer.join(5)

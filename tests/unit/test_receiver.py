@@ -1,7 +1,7 @@
-"""The receiver (lvmirror.receiver) through its client (lvmirror.transports), on image files.
+"""The receiver (lvmirror.remote) through its client (lvmirror.client), on image files.
 
-Every test runs the real receiver in a subprocess, as lvmirror does locally.
-The helpers here (targets, deltas, hashes) are shared with tests/fault.
+Every test runs the real receiver as lvmirror does locally: the shipped bundle
+in a `python3 -I` subprocess.  The helpers (targets, deltas, hashes) are in tests/harness.py.
 """
 
 from __future__ import annotations
@@ -9,88 +9,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lvdeltafs.delta import Identity
-from lvdeltafs.errors import Busy, CorruptDelta, LvError, Refused
+from lvdeltafs.errors import Busy, ConnectionProblem, CorruptDelta, LvError, Refused
 from lvdeltafs.formats import stream as S
-from lvdeltafs.formats.stream import HEAD_SIZE, MAX_DATA, write_stream
-from lvmirror import receiver as R
-from lvmirror.transports import BytesSource, FileSource, LocalTransport, ReceiverClient
-
-MiB = 1 << 20
-BLOCK = 4096
-VOL = "vol-uuid"
-
-
-# ---------------------------------------------------------------- helpers (also used by tests/fault)
-
-
-def image(size: int, islands: list[tuple[int, int]], seed: int) -> bytes:
-    """Zeros with random data in each (offset, length) island."""
-    rnd = random.Random(seed)
-    out = bytearray(size)
-    for off, ln in islands:
-        out[off:off + ln] = rnd.randbytes(ln)
-    return bytes(out)
-
-
-def changed(old: bytes | None, new: bytes) -> list[tuple[int, int, int]]:
-    """Extents that turn ``old`` into ``new`` at 4 KiB granularity.
-
-    Blocks that differ become DATA, or ZERO when the new block is all zeros.
-    An init (no old side) sends only non-zero blocks: the rest stays holes.
-    Bytes past the old size read as zeros after the receiver grows the file.
-    """
-    out = []
-    for off in range(0, len(new), BLOCK):
-        nb = new[off:off + BLOCK]
-        ob = old[off:off + len(nb)] if old is not None else bytes(len(nb))
-        ob = ob + bytes(len(nb) - len(ob))
-        if nb == ob:
-            continue
-        out.append((off, len(nb), S.KIND_ZERO if nb.count(0) == len(nb) else S.KIND_DATA))
-    return out
-
-
-def delta(old: bytes | None, new: bytes, base: str, target: str, *, source: str = "cow",
-          volume: str = VOL, pieces: list[tuple[int, int, int]] | None = None) -> tuple[Identity, bytes]:
-    """(identity, stream bytes) of the delta from ``old`` (snapshot ``base``) to ``new``."""
-    ident = Identity(volume, base, target, len(old) if old is not None else 0, len(new), BLOCK, source)
-    pieces = changed(old, new) if pieces is None else pieces
-    blob = b"".join(write_stream(ident.to_dict(), len(new), pieces, lambda o, n: new[o:o + n],
-                                 delta_id=ident.delta_id))
-    return ident, blob
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def sync(dest: str | Path, ident: Identity, blob: bytes, **kw) -> dict:
-    """One session: stage the delta and apply it."""
-    with LocalTransport(str(dest)) as rc:
-        rc.send_delta(BytesSource(blob), ident.delta_id, force=kw.get("force", False))
-        return rc.apply()
-
-
-def staging_files(dest: str | Path) -> list[str]:
-    return [p for p in (f"{dest}.lvmirror-staging", f"{dest}.lvmirror-staging.progress") if os.path.exists(p)]
-
-
-V1 = image(8 * MiB, [(0, 64 << 10), (3 * MiB, 2 * MiB + 100)], seed=1)
-V2 = image(8 * MiB, [(0, 64 << 10), (3 * MiB, 2 * MiB + 100), (6 * MiB, MiB)], seed=2)
-V2 = V2[:3 * MiB + 4096] + bytes(8192) + V2[3 * MiB + 12288:]  # a range that becomes zeros
+from lvdeltafs.formats.stream import HEAD_SIZE, MAX_DATA
+from lvmirror.client import FileSource
+from lvmirror.transports import LocalTransport
+from tests.encoder import write_stream
+from tests.harness import (
+    BLOCK,
+    V1,
+    V2,
+    VOL,
+    BytesSource,
+    MiB,
+    changed,
+    delta,
+    image,
+    sha,
+    sha_file,
+    staging_files,
+    sync,
+)
 
 
 @pytest.fixture
@@ -128,8 +74,8 @@ def test_sync_applies_a_delta(at_v1: Path):
     assert sha_file(at_v1) == sha(V2)
     with LocalTransport(str(at_v1)) as rc:
         h = rc.hello()
-    assert h["state"]["snapshot"] == "vol@2" and h["state"]["generation"] == 2
-    assert h["staged"] is None and h["size"] == len(V2) and h["kind"] == "file"
+    assert h.state["snapshot"] == "vol@2" and h.state["generation"] == 2
+    assert h.staged is None and h.size == len(V2) and h.kind == "file"
 
 
 @pytest.mark.parametrize("new_size", [11 * MiB + 513, 2 * MiB + 7, 8 * MiB - 4096])
@@ -208,7 +154,8 @@ def test_force_applies_onto_another_base_and_asks_for_a_check(at_v1: Path):
     # A repair (compare) delta from what it now holds clears the flag.
     rep, rblob = delta(V2, V2, "vol@2", "vol@2", source="compare", pieces=[(0, MiB, S.KIND_DATA)])
     with LocalTransport(str(at_v1)) as rc:
-        assert rc.write_blocks(BytesSource(rblob), rep.delta_id)["state"]["needs_check"] is False
+        rc.send_delta(BytesSource(rblob), rep.delta_id)
+        assert rc.apply()["state"]["needs_check"] is False
     assert sha_file(at_v1) == sha(V2)
 
 
@@ -237,15 +184,15 @@ def test_corrupt_stream_is_refused_and_dest_untouched(at_v1: Path):
     with LocalTransport(str(at_v1)) as rc:
         with pytest.raises(CorruptDelta, match="corrupt at byte"):
             rc.send_delta(BytesSource(bad), ident.delta_id)
-        staged = rc.hello()["staged"]
+        staged = rc.hello().staged
         # What was verified before the damage is kept; nothing after it.
-        assert staged["delta_id"] == ident.delta_id and not staged["complete"]
-        assert staged["verified"] <= len(blob) // 2
-        assert os.path.getsize(f"{at_v1}.lvmirror-staging") == staged["verified"]
-        assert blob[:staged["verified"]] == Path(f"{at_v1}.lvmirror-staging").read_bytes()
+        assert staged.delta_id == ident.delta_id and not staged.complete
+        assert staged.verified <= len(blob) // 2
+        assert os.path.getsize(f"{at_v1}.lvmirror-staging") == staged.verified
+        assert blob[:staged.verified] == Path(f"{at_v1}.lvmirror-staging").read_bytes()
         # The session is still in step: the good stream resumes and applies.
         rc.send_delta(BytesSource(blob), ident.delta_id)
-        assert rc.bytes_sent == len(blob) - staged["verified"]
+        assert rc.bytes_sent == len(blob) - staged.verified
         rc.apply()
     assert sha_file(at_v1) == sha(V2)
 
@@ -257,7 +204,7 @@ def test_trailing_garbage_and_foreign_streams_are_refused(at_v1: Path):
             rc.send_delta(BytesSource(blob + b"x"), ident.delta_id)
         with pytest.raises(CorruptDelta, match="not a delta stream"):
             rc.send_delta(BytesSource(b"rbd diff v1\n" + bytes(100)), ident.delta_id)
-        assert not rc.hello()["staged"]["complete"]
+        assert not rc.hello().staged.complete
     assert sha_file(at_v1) == sha(V1)
 
 
@@ -270,7 +217,7 @@ def test_receiver_checks_the_header_against_the_announced_delta(at_v1: Path):
                    stream_size=len(blob), force=False)
         with pytest.raises(CorruptDelta, match="not the announced"):
             rc._stream_bulk(BytesSource(blob), 0, None)
-        assert rc.hello()["staged"] is None
+        assert rc.hello().staged is None
     assert staging_files(at_v1) == []
 
 
@@ -282,7 +229,7 @@ def test_resume_sends_at_most_one_record_again(at_v1: Path, cut_fraction: float)
         rc.send_delta(BytesSource(blob[:cut]), ident.delta_id)
     # A new session: the receiver says what it holds, and only the rest is sent.
     with LocalTransport(str(at_v1)) as rc:
-        held = rc.hello()["staged"]["verified"]
+        held = rc.hello().staged.verified
         rc.send_delta(BytesSource(blob), ident.delta_id)
         assert rc.bytes_sent == len(blob) - held
         assert rc.bytes_sent <= len(blob) - cut + HEAD_SIZE + MAX_DATA
@@ -310,7 +257,7 @@ def test_a_new_delta_replaces_a_stale_staged_one(at_v1: Path):
         rc.send_delta(BytesSource(sblob[:len(sblob) // 2]), stale.delta_id)
     ident, blob = delta(V1, V2, "vol@1", "vol@2")
     with LocalTransport(str(at_v1)) as rc:
-        assert rc.hello()["staged"]["delta_id"] == stale.delta_id
+        assert rc.hello().staged.delta_id == stale.delta_id
         rc.send_delta(BytesSource(blob), ident.delta_id)
         assert rc.bytes_sent == len(blob)
         rc.apply()
@@ -333,9 +280,9 @@ def test_replay_of_an_interrupted_apply_gives_the_exact_target(at_v1: Path):
     at_v1.write_bytes(half)
     with LocalTransport(str(at_v1)) as rc:
         h = rc.hello()
-    assert h["replayed"] == ident.delta_id and h["problem"] is None
-    assert h["state"]["snapshot"] == "vol@2" and h["state"]["generation"] == 2
-    assert "applying" not in h["state"]
+    assert h.replayed == ident.delta_id and not h.problem
+    assert h.state["snapshot"] == "vol@2" and h.state["generation"] == 2
+    assert "applying" not in h.state
     assert sha_file(at_v1) == sha(V2)
     assert staging_files(at_v1) == []
 
@@ -347,8 +294,8 @@ def test_applying_state_without_its_staged_delta_is_reported(at_v1: Path):
     state_path.write_text(json.dumps(state))
     ident, blob = delta(V1, V2, "vol@1", "vol@2")
     with LocalTransport(str(at_v1)) as rc:
-        assert "no longer staged" in rc.hello()["problem"]
-        with pytest.raises(Refused, match="check --repair"):
+        assert "no longer staged" in rc.hello().problem
+        with pytest.raises(Refused, match="lvmirror discard"):
             rc.send_delta(BytesSource(blob), ident.delta_id)
         rc.send_delta(BytesSource(blob), ident.delta_id, force=True)
         assert rc.apply()["state"]["needs_check"] is True
@@ -358,36 +305,35 @@ def test_applying_state_without_its_staged_delta_is_reported(at_v1: Path):
 # ---------------------------------------------------------------- digests, state, lock
 
 
-@pytest.mark.parametrize("block_size,start,count", [(MiB, 0, None), (64 << 10, 2 * MiB, 5),
-                                                     (3 * MiB, 0, None), (MiB, 7 * MiB, 10)])
-def test_digests_are_sha256_prefixes_of_the_blocks(dest: Path, block_size: int, start: int, count):
+@pytest.mark.parametrize("block_size,count", [(MiB, 100), (64 << 10, 5), (3 * MiB, 100), (4096, 0)])
+def test_digests_are_sha256_prefixes_of_the_blocks(dest: Path, block_size: int, count: int):
     data = V1 + b"tail"  # a short last block
     dest.write_bytes(data)
     with LocalTransport(str(dest)) as rc:
-        size, raw = rc.digests(block_size, start, count)
-    end = len(data) if count is None else min(len(data), start + count * block_size)
+        size, raw = rc.digests(block_size, count)
+    end = min(len(data), count * block_size)
     want = b"".join(hashlib.sha256(data[o:min(o + block_size, end)]).digest()[:16]
-                    for o in range(start, end, block_size))
+                    for o in range(0, end, block_size))
     assert size == len(data) and raw == want
 
 
 def test_digests_agree_with_compare(dest: Path):
-    compare = pytest.importorskip("lvdeltafs.sources.compare")
+    from lvdeltafs.sources import compare
     dest.write_bytes(V2 + b"x" * 100)
     with LocalTransport(str(dest)) as rc:
-        size, raw = rc.digests(MiB)
+        size, raw = rc.digests(MiB, 100)
     here = compare.block_digests(str(dest), MiB)
-    theirs = compare.digests_from_bytes(raw, MiB, size)
+    theirs = compare.digests_from_bytes(bytes(raw), MiB, size)
     assert (here == theirs).all()
 
 
 def test_state_and_a_second_session_is_busy(at_v1: Path):
     with LocalTransport(str(at_v1)) as rc:
-        assert rc.state()["snapshot"] == "vol@1"
+        assert rc.hello().state["snapshot"] == "vol@1"
         with LocalTransport(str(at_v1)) as rc2, pytest.raises(Busy, match="busy"):
             rc2.hello()
     with LocalTransport(str(at_v1)) as rc:
-        assert rc.hello()["state"]["generation"] == 1
+        assert rc.hello().state["generation"] == 1
 
 
 def test_protocol_errors_keep_the_session_alive(at_v1: Path):
@@ -396,34 +342,44 @@ def test_protocol_errors_keep_the_session_alive(at_v1: Path):
             rc.request("frobnicate")
         with pytest.raises(LvError, match="resume"):
             rc.request("receive", delta_id="x", from_offset=100)
-        assert rc.hello()["state"]["snapshot"] == "vol@1"
+        assert rc.hello().state["snapshot"] == "vol@1"
 
 
-# ---------------------------------------------------------------- shipped on its own
+# ---------------------------------------------------------------- shipped as a bundle
 
 
-def test_runs_with_only_the_standard_library_beside_the_stream_module(tmp_path: Path, dest: Path):
-    """What the ssh transport ships: receiver.py and stream.py in a folder, run with python3 -I."""
-    ship = tmp_path / "ship"
-    ship.mkdir()
-    shutil.copy(R.__file__, ship / "receiver.py")
-    shutil.copy(S.__file__, ship / "stream.py")
-    proc = subprocess.Popen([sys.executable, "-I", str(ship / "receiver.py"), str(dest)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp_path)
-    rc = ReceiverClient(proc.stdout, proc.stdin, on_close=lambda: (proc.stdin.close(), proc.wait()))
-    with rc:
-        assert rc.hello()["version"] == R.PROTOCOL_VERSION
+def test_the_bundle_runs_only_shipped_modules_and_the_standard_library(dest: Path):
+    """Locally as over ssh: `python3 -I`, the blob's modules in memory, nothing from the virtualenv."""
+    from lvmirror import bundle
+    probe = ("import sys, json\n"
+             "def main(argv):\n"
+             "    mods = [m for m in list(sys.modules.values()) if m.__name__.startswith('lv')]\n"
+             "    sys.stdout.write(json.dumps(sorted(getattr(m, '__file__', '') for m in mods)))\n"
+             "    return 0\n")
+    blob = bundle.blob([], [*bundle.shipped_sources(), ("probe", probe)], "probe")
+    run = subprocess.run(bundle.local_argv(), input=blob, capture_output=True, check=True)
+    loaded = json.loads(run.stdout)
+    assert all(f == "" or f.startswith("<lvmirror ") for f in loaded), loaded
+    assert "site-packages" not in run.stderr.decode()
+    with LocalTransport(str(dest)) as rc:
+        assert rc.hello().kind == "file"
         ident, blob = delta(None, V1, "", "vol@1")
         rc.send_delta(BytesSource(blob), ident.delta_id)
         rc.apply()
-    assert proc.returncode == 0
     assert sha_file(dest) == sha(V1)
-    # It really imported no project module.
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import receiver; "
-            "print(sorted(m for m in sys.modules if m.startswith('lv')))")
-    probe = subprocess.run([sys.executable, "-I", "-c", code, str(ship)], capture_output=True, text=True,
-                           check=True)
-    assert probe.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("forbidden", ["numpy", "lvdeltafs.extents", "paramiko", "lvmirror.client"])
+def test_a_non_stdlib_import_in_the_bundle_fails_here_too(dest: Path, forbidden: str):
+    """numpy is installed on this host, and the project is importable: the receiver still may not use them."""
+    from lvmirror import bundle
+    from lvmirror.remote import MAIN
+    shipped = bundle.shipped_sources()
+    sources = [(n, f"{src}\nimport {forbidden}\n" if n == MAIN else src) for n, src in shipped]
+    transport = LocalTransport(str(dest), modules=sources)
+    with pytest.raises(ConnectionProblem, match="neither shipped nor in the standard"), transport as rc:
+        rc.hello()
+    assert not dest.exists()
 
 
 # ---------------------------------------------------------------- a block device (a loop device on the host)
@@ -455,17 +411,17 @@ def test_block_device_destination(loop_dev: str, tmp_path: Path):
               for o, n, k in changed(bytes([0xee]) * len(old), old)]
     ident, blob = delta(None, old, "", "vol@1", pieces=pieces)
     with LocalTransport(loop_dev, str(state_dir)) as rc:
-        assert rc.hello()["kind"] == "block"
+        assert rc.hello().kind == "block"
         rc.send_delta(BytesSource(blob), ident.delta_id)
         rc.apply()
     assert sha_file(loop_dev) == sha(old)
-    name = loop_dev.removeprefix("/dev/")
-    assert json.loads((state_dir / f"{name}.json").read_text())["snapshot"] == "vol@1"
+    [state] = state_dir.glob("*.json")  # named after the device's identity, not its path
+    assert json.loads(state.read_text())["snapshot"] == "vol@1"
     ident, blob = delta(old, new, "vol@1", "vol@2")
     with LocalTransport(loop_dev, str(state_dir)) as rc:
         rc.send_delta(BytesSource(blob), ident.delta_id)
         rc.apply()
-        size, raw = rc.digests(MiB)
+        size, raw = rc.digests(MiB, 100)
     assert sha_file(loop_dev) == sha(new) and size == len(new)
     assert not list(state_dir.glob("*.staging*"))
     # A target of another size cannot fit a block device: refused before anything is written.
@@ -475,7 +431,7 @@ def test_block_device_destination(loop_dev: str, tmp_path: Path):
         rc.send_delta(BytesSource(blob), ident.delta_id)
         with pytest.raises(Refused, match="resize it"):
             rc.apply()
-        assert "applying" not in rc.state()
+        assert "applying" not in rc.hello().state
     assert sha_file(loop_dev) == sha(new)
 
 
@@ -484,7 +440,7 @@ def test_init_over_a_foreign_file_is_refused_and_leaves_it_alone(dest: Path):
     dest.write_bytes(b"somebody's data" * 1000)
     before = sha_file(dest)
     ident, blob = delta(None, V1, "", "vol@1")
-    with pytest.raises(Refused, match="no lvmirror state"):
+    with pytest.raises(Refused, match="has no record"):
         sync(dest, ident, blob)
     assert sha_file(dest) == before
     assert staging_files(dest) == []

@@ -14,9 +14,10 @@ import pytest
 from lvdeltafs.errors import EXIT_BAD_INPUT, EXIT_REFUSED, Busy, ConnectionProblem, Refused
 from lvdeltafs.extents import DATA, ZERO, Extents
 from lvdeltafs.formats.files import export
+from lvdeltafs.pairs import IMAGE_VOLUME, image_id
 from lvdeltafs.pairs import compare_delta as image_compare_delta
-from lvdeltafs.pairs import image_id
-from lvmirror import sync
+from lvmirror import deltas, pipelines
+from lvmirror import spool as spool_mod
 from lvmirror.lock import volume_lock
 from lvmirror.progress import Progress, human
 from lvmirror.transports import LocalTransport
@@ -52,9 +53,9 @@ def images(tmp_path):
 
 def init_from(client, path: Path, volume: str, target: str):
     size = path.stat().st_size
-    delta = sync.full_copy_delta(volume, target, str(path), size, source="compare")
+    delta = deltas.full_copy_delta(volume, target, str(path), size, source="compare")
     try:
-        sync.send(client, delta, "init")
+        pipelines.send(client, delta, "init")
     finally:
         delta.close()
     return delta
@@ -62,7 +63,7 @@ def init_from(client, path: Path, volume: str, target: str):
 
 def test_nonzero_extents_skip_zero_blocks(images):
     a, _, size = images
-    e = sync.nonzero_extents(str(a), size)
+    e = deltas.nonzero_extents(str(a), size)
     assert e.as_tuples() == [(0, MiB, DATA), (MiB, 2 * MiB, ZERO), (3 * MiB, MiB, DATA),
                              (4 * MiB, 4 * MiB, ZERO), (8 * MiB, 12345, DATA)]
 
@@ -72,7 +73,7 @@ def test_init_copies_data_and_keeps_holes(tmp_path, images):
     dest = tmp_path / "mirror.img"
     with LocalTransport(str(dest)) as client:
         init_from(client, a, "vol-uuid", "snapA")
-        state = sync.state_of(client.hello())
+        state = client.hello().state
     assert sha(dest) == sha(a)
     assert (state["volume"], state["snapshot"], state["size"], state["generation"]) == (
         "vol-uuid", "snapA", size, 1)
@@ -95,14 +96,13 @@ def test_compare_resync_sends_only_differing_blocks(tmp_path, images):
     dest = tmp_path / "mirror.img"
     with LocalTransport(str(dest)) as client:
         init_from(client, a, "vol-uuid", "snapA")
-        dsize, digests = sync.destination_digests(client)
-        delta = sync.compare_delta("vol-uuid", "snapA", dsize, digests, "snapB", str(b), size)
+        delta = deltas.compare_delta(client, client.hello(), "vol-uuid", "snapB", str(b), size)
         # Blocks 3 and 6 changed (data), the tail changed to zeros.
         assert delta.extents.as_tuples() == [(3 * MiB, MiB, DATA), (6 * MiB, MiB, DATA),
                                              (8 * MiB, 12345, ZERO)]
-        sync.send(client, delta, "resync")
+        pipelines.send(client, delta, "resync")
         delta.close()
-        assert sync.state_of(client.hello())["snapshot"] == "snapB"
+        assert client.hello().state["snapshot"] == "snapB"
     assert sha(dest) == sha(b)
 
 
@@ -111,18 +111,20 @@ def test_check_finds_a_change_behind_our_back_and_repair_fixes_it(tmp_path, imag
     dest = tmp_path / "mirror.img"
     with LocalTransport(str(dest)) as client:
         init_from(client, a, "vol-uuid", "snapA")
-        result, repaired = sync.check_against(client, "vol", str(a), size)
+        result, repaired = pipelines.check_against(client, "vol", str(a), size)
         assert result.ok and repaired is None
     with open(dest, "r+b") as f:  # someone writes to the mirror
         f.seek(5 * MiB + 3)
         f.write(b"oops")
     with LocalTransport(str(dest)) as client:
-        result, repaired = sync.check_against(client, "vol", str(a), size)
+        greeting = client.hello()
+        assert "modified" in greeting.unknown and greeting.recorded["snapshot"] == "snapA"
+        result, repaired = pipelines.check_against(client, "vol", str(a), size)
         assert result.mismatched.as_tuples() == [(5 * MiB, MiB, ZERO)]
-        result, repaired = sync.check_against(client, "vol", str(a), size, repair=True)
+        result, repaired = pipelines.check_against(client, "vol", str(a), size, repair=True)
         assert repaired is not None and repaired.zero_bytes == MiB
-        assert sync.check_against(client, "vol", str(a), size)[0].ok
-        state = sync.state_of(client.hello())
+        assert pipelines.check_against(client, "vol", str(a), size)[0].ok
+        state = client.hello().state
     assert sha(dest) == sha(a)
     assert (state["snapshot"], state["generation"]) == ("snapA", 2)
 
@@ -132,7 +134,7 @@ def test_apply_of_an_exported_delta_directory(tmp_path, images):
     dest = tmp_path / "mirror.img"
     # The destination holds image a, named as the compare delta names it.
     with LocalTransport(str(dest)) as client:
-        init_from(client, a, os.path.abspath(b), image_id(str(a)))
+        init_from(client, a, IMAGE_VOLUME, image_id(str(a)))
     delta = image_compare_delta(str(a), str(b))
     export(delta, str(tmp_path / "d"))
     delta.close()
@@ -155,12 +157,12 @@ def test_forced_apply_to_a_wrong_base_then_check_is_needed(tmp_path, images):
     delta = image_compare_delta(str(a), str(b))
     export(delta, str(tmp_path / "d"))
     delta.close()
-    with pytest.raises(Refused, match="holds nothing yet"):
-        sync.apply_file(str(tmp_path / "d"), str(dest))
-    out = sync.apply_file(str(tmp_path / "d"), str(dest), force=True)
+    with pytest.raises(Refused, match="holds nothing lvmirror knows of"):
+        pipelines.apply_file(str(tmp_path / "d"), str(dest))
+    out = pipelines.apply_file(str(tmp_path / "d"), str(dest), force=True)
     assert sha(dest) == sha(b) and out.data_bytes > 0
     with LocalTransport(str(dest)) as client:
-        assert sync.state_of(client.hello())["needs_check"] is True
+        assert client.hello().state["needs_check"] is True
 
 
 def test_a_damaged_delta_is_refused_before_the_receiver_sees_it(tmp_path, images):
@@ -184,17 +186,17 @@ def test_a_broken_send_resumes_from_what_the_receiver_holds(tmp_path, images):
     big = make_image(tmp_path / "big.img", 48 * MiB, {0: os.urandom(40 * MiB)})
     dest = tmp_path / "mirror.img"
     spool = str(tmp_path / "spool")
-    delta = sync.full_copy_delta("vol-uuid", "snapBig", str(big), 48 * MiB, source="compare")
+    delta = deltas.full_copy_delta("vol-uuid", "snapBig", str(big), 48 * MiB, source="compare")
     # The receiver dies after staging 36 records (about 36 MiB, past one durable sync point).
     with (LocalTransport(str(dest), env={"LVMIRROR_TEST_KILL_AT": "receive:36"}) as client,
           pytest.raises(ConnectionProblem)):
-        sync.send(client, delta, "init", spool=spool)
+        pipelines.send(client, delta, "init", spool_dir=spool)
     assert os.listdir(spool) == [f"{delta.identity.delta_id}.ranges"]
     with LocalTransport(str(dest)) as client:
-        staged = client.hello()["staged"]
-        assert staged["delta_id"] == delta.identity.delta_id and staged["verified"] > 0
-        assert sync.load_ranges(spool, delta.identity.delta_id, 48 * MiB) == delta.extents
-        sync.send(client, delta, "init", spool=spool)
+        staged = client.hello().staged
+        assert staged is not None and staged.delta_id == delta.identity.delta_id and staged.verified > 0
+        assert spool_mod.load(spool, delta.identity.delta_id, 48 * MiB) == delta.extents
+        pipelines.send(client, delta, "init", spool_dir=spool)
         assert 0 < client.bytes_sent < 40 * MiB
     delta.close()
     assert sha(dest) == sha(big)
@@ -273,6 +275,6 @@ def test_cli_usage_errors_and_unknown_volume(tmp_path):
 
 def test_with_zero_rest_covers_the_whole_volume():
     data = Extents.from_ranges([4096], [4096], DATA, 1 << 16)
-    assert sync.with_zero_rest(data, 1 << 16).as_tuples() == [
+    assert deltas.with_zero_rest(data, 1 << 16).as_tuples() == [
         (0, 4096, ZERO), (4096, 4096, DATA), (8192, (1 << 16) - 8192, ZERO)]
-    assert len(sync.with_zero_rest(Extents.empty(), 0)) == 0
+    assert len(deltas.with_zero_rest(Extents.empty(), 0)) == 0

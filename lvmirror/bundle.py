@@ -1,0 +1,128 @@
+"""The receiver as shipped: a constant bootstrap, and a blob of the modules in ``lvmirror.remote.SHIPPED``.
+
+Both transports run exactly this: ``python3 -I -c BOOTSTRAP`` (over ssh
+through the far user's shell, locally without one), then the blob on its
+stdin, then the protocol on the same stdin/stdout.  Everything user-controlled
+(the destination path, options) travels in the blob as data, so the command
+line is a constant.  The modules are executed in memory under their real
+dotted names (nothing is written on the far host before the receiver decides
+what to write), and the bootstrap's importer refuses every import that is
+neither shipped nor in the standard library: a receiver that imported
+numpy or a project module by mistake fails on every host, this one included.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import importlib.util
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from lvdeltafs.errors import BadInput
+from lvmirror.remote import MAIN, SHIPPED
+
+# Exit statuses of the bootstrap: 127 is the shell's "command not found".
+EXIT_NOT_FOUND = 127
+EXIT_PYTHON_TOO_OLD = 90
+EXIT_BAD_BLOB = 91
+MIN_PYTHON = (3, 10)  # sys.stdlib_module_names, dataclass(slots=True)
+
+# The blob is read from fd 0 with os.read, never through sys.stdin's buffer, so no byte of the
+# protocol that follows is swallowed by a read-ahead the receiver would not see.
+BOOTSTRAP = f"""\
+import sys, os, json, linecache, importlib, importlib.util
+if sys.version_info < {MIN_PYTHON!r}:
+    sys.stderr.write('lvmirror: python %d.%d on this host is too old; the receiver needs '
+                     '{MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer\\n' % sys.version_info[:2])
+    sys.exit({EXIT_PYTHON_TOO_OLD})
+def take(n):
+    buf = b''
+    while len(buf) < n:
+        more = os.read(0, n - len(buf))
+        if not more:
+            sys.stderr.write('lvmirror: the bootstrap blob ended early\\n')
+            sys.exit({EXIT_BAD_BLOB})
+        buf += more
+    return buf
+blob = json.loads(take(int.from_bytes(take(8), 'little')))
+sources = dict(blob['modules'])
+packages = set(blob['packages'])
+class Bundle:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name in sources or name in packages:
+            return importlib.util.spec_from_loader(name, cls, is_package=name in packages)
+        top = name.partition('.')[0]
+        if top in ('lvdeltafs', 'lvmirror') or top not in sys.stdlib_module_names:
+            raise ImportError('lvmirror receiver: ' + name + ' is neither shipped nor in the standard '
+                              'library; the receiver may import only those', name=name)
+        return None
+    @staticmethod
+    def create_module(spec):
+        return None
+    @staticmethod
+    def exec_module(module):
+        name = module.__name__
+        source = sources.get(name, '')
+        filename = '<lvmirror ' + name + '>'
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        module.__file__ = filename
+        exec(compile(source, filename, 'exec'), module.__dict__)
+sys.meta_path.insert(0, Bundle)
+sys.exit(importlib.import_module(blob['main']).main(blob['argv']))
+"""
+
+
+def remote_command(remote_python: str = "python3") -> str:
+    """The one command line sent to the far user's shell: a constant except for the python name.
+
+    The code travels base64-encoded in one line, so any login shell (sh, bash, csh, fish) passes
+    it through untouched; ``remote_python`` is checked to be a plain command name or path.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_./+-]+", remote_python):
+        raise BadInput(f"remote python {remote_python!r} must be a plain command name or path")
+    encoded = base64.b64encode(BOOTSTRAP.encode()).decode()
+    code = f"import base64;exec(base64.b64decode('{encoded}'))"
+    # -I: ignore PYTHON* variables and the user's site-packages on the far side.
+    return f"exec {shlex.quote(remote_python)} -I -c {shlex.quote(code)}"
+
+
+def local_argv() -> list[str]:
+    """The same bootstrap on this host: the system's python3 (not the virtualenv's), isolated."""
+    python = getattr(sys, "_base_executable", "") or sys.executable
+    return [python, "-I", "-c", BOOTSTRAP]
+
+
+@functools.cache
+def shipped_sources() -> list[tuple[str, str]]:
+    """(dotted name, source) of every shipped module, read from this installation."""
+    out = []
+    for name in SHIPPED:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise BadInput(f"the receiver module {name} is missing from this installation: "
+                           "reinstall lvmirror")
+        out.append((name, Path(spec.origin).read_text()))
+    return out
+
+
+def packages_of(names: list[str]) -> list[str]:
+    """Every package a shipped module lives in (created empty unless it is shipped itself)."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return sorted(out)
+
+
+def blob(argv: list[str], modules: list[tuple[str, str]] | None = None, main: str = MAIN) -> bytes:
+    """The length-prefixed JSON the bootstrap reads: modules, packages, then main(argv)."""
+    modules = shipped_sources() if modules is None else modules
+    names = [n for n, _ in modules]
+    doc = {"modules": modules, "packages": packages_of(names), "main": main, "argv": argv}
+    raw = json.dumps(doc).encode()
+    return len(raw).to_bytes(8, "little") + raw

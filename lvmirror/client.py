@@ -1,0 +1,369 @@
+"""The sending end of the receiver protocol: requests, typed replies, and streams to send.
+
+:class:`ReceiverClient` speaks ``docs/receiver-protocol.md`` through the same
+:mod:`lvmirror.remote.wire` the receiver uses, over any pair of byte streams
+(a local subprocess's pipes, an ssh channel).  Replies come back as small
+typed objects, checked field by field (the far side may be hostile), and
+errors the receiver reports as the project's exception classes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Protocol
+
+from lvdeltafs.errors import (
+    BadInput,
+    Busy,
+    ConnectionProblem,
+    CorruptDelta,
+    LvError,
+    NoSpace,
+    Refused,
+    UnsupportedFormat,
+)
+from lvdeltafs.formats.stream import StreamError, StreamLayout, StreamReader
+from lvmirror.remote import wire
+
+log = logging.getLogger(__name__)
+
+FRAME_BYTES = 1 << 20  # bulk bytes per frame sent
+DIGEST_SIZE = 16
+
+# The receiver's error kinds, as the project's exceptions.
+ERROR_CLASSES: dict[str, type[LvError]] = {
+    "refused": Refused,
+    "corrupt": CorruptDelta,
+    "truncated": CorruptDelta,
+    "unsupported": UnsupportedFormat,
+    "busy": Busy,
+    "nospace": NoSpace,
+    "state": BadInput,
+    "protocol": LvError,
+    "io": LvError,
+}
+
+
+# ---------------------------------------------------------------- typed replies
+
+@dataclass(frozen=True)
+class Staged:
+    """A delta the receiver holds staged, verified up to ``verified`` stream bytes."""
+
+    delta_id: str
+    verified: int
+    complete: bool
+    identity: dict[str, Any]
+
+    @property
+    def target(self) -> str:
+        return str(self.identity.get("target", ""))
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What the receiver says of its destination when a session starts."""
+
+    dest: str
+    kind: str
+    exists: bool
+    size: int
+    state: dict[str, Any]  # empty when the destination holds nothing known
+    recorded: dict[str, Any]  # the state as written, trusted or not (what a check compares against)
+    unknown: str  # why a state it has is not trusted ("" if none)
+    token: str  # names the destination's present content (the base of a compare delta)
+    staged: Staged | None
+    replayed: str
+    problem: str
+
+    @property
+    def holds(self) -> str:
+        """The snapshot identity the destination holds ("" when nothing known)."""
+        return str(self.state.get("snapshot") or "")
+
+
+def _text(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    return wire.shown(value)[:4000] if isinstance(value, str) else ""
+
+
+def _state(doc: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    """A state the receiver reports: the fields lvmirror acts on are checked, the rest is shown as is."""
+    state = doc.get(key)
+    if not isinstance(state, dict):
+        return {}
+    for name in ("snapshot", "volume"):
+        if state.get(name) is not None:
+            wire.str_field(state, name, empty=True, what=f"{what}: {key}")
+    if state.get("size") is not None:
+        wire.int_field(state, "size", what=f"{what}: {key}")
+    return state
+
+
+def parse_hello(doc: dict[str, Any]) -> Hello:
+    what = "the receiver's hello"
+    try:
+        if doc.get("version") != wire.PROTOCOL_VERSION:
+            raise wire.ProtocolError(f"{what}: protocol version {doc.get('version')!r}, expected "
+                                     f"{wire.PROTOCOL_VERSION}")
+        staged = None
+        if isinstance(doc.get("staged"), dict):
+            s = doc["staged"]
+            staged = Staged(wire.str_field(s, "delta_id", what=what),
+                            wire.int_field(s, "verified", what=what),
+                            s.get("complete") is True, wire.check_identity(s.get("identity"), what))
+        state, recorded = (_state(doc, key, what) for key in ("state", "recorded"))
+        return Hello(_text(doc, "dest"), _text(doc, "kind"), doc.get("exists") is True,
+                     wire.int_field(doc, "size", what=what), state, recorded, _text(doc, "unknown"),
+                     wire.str_field(doc, "token", what=what), staged, _text(doc, "replayed"),
+                     _text(doc, "problem"))
+    except wire.ProtocolError as e:
+        raise ConnectionProblem(str(e)) from None
+
+
+# ---------------------------------------------------------------- streams to send
+
+class StreamSource(Protocol):
+    """A delta stream the client can send from any record boundary."""
+
+    size: int
+
+    def read_from(self, offset: int) -> Iterable[bytes]: ...
+
+
+class FileSource:
+    """A stream file on disk (``lvmirror apply DELTA DEST``, or a `delta` file in the mount)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = os.path.getsize(path)
+
+    def read_from(self, offset: int) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            while chunk := f.read(FRAME_BYTES):
+                yield chunk
+
+
+class LayoutSource:
+    """A stream generated on the fly from its layout and a reader of the target (the sync pipeline)."""
+
+    def __init__(self, layout: StreamLayout, read: Callable[[int, int], bytes]):
+        self.layout, self.read = layout, read
+        self.size = layout.size
+
+    def read_from(self, offset: int) -> Iterator[bytes]:
+        return self.layout.blocks(self.read, offset)
+
+
+class _IterFile(io.RawIOBase):
+    """A read-only file over an iterator of bytes blocks (to read a stream's header)."""
+
+    def __init__(self, blocks: Iterable[bytes]):
+        self.blocks = iter(blocks)
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while len(self.buf) < max(n, 1):
+            blk = next(self.blocks, None)
+            if blk is None:
+                break
+            self.buf += blk
+        out, self.buf = (self.buf, b"") if n < 0 else (self.buf[:n], self.buf[n:])
+        return out
+
+
+def stream_header(source: StreamSource) -> dict[str, Any]:
+    """The verified HEADER of a stream source (its identity and delta id), reading only its start."""
+    blocks = source.read_from(0)
+    try:
+        first = next(iter(StreamReader(_IterFile(blocks))))
+    except StreamError as e:
+        raise CorruptDelta(f"the delta stream to send is unusable: {e}") from None
+    finally:
+        close = getattr(blocks, "close", None)
+        if close:
+            close()
+    return first.header or {}
+
+
+# ---------------------------------------------------------------- the client
+
+class ReceiverClient:
+    """The receiver protocol over a reader and a writer (a subprocess's pipes, an ssh channel).
+
+    ``where`` names the far side in messages; ``on_close`` ends the transport;
+    ``diagnostics`` returns the receiver's stderr so far, if the transport
+    keeps it, to explain a receiver that went away.
+    """
+
+    def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, where: str = "receiver",
+                 on_close: Callable[[], None] | None = None, diagnostics: Callable[[], str] | None = None):
+        self.chan = wire.Channel(rfile, wfile)
+        self.where = where
+        self.on_close = on_close
+        self.diagnostics = diagnostics
+        self.bytes_sent = 0  # stream bytes sent by the last send_delta
+        self.closed = False
+
+    # -- plumbing
+
+    def _lost(self, what: str) -> ConnectionProblem:
+        extra = (self.diagnostics() if self.diagnostics else "").strip()
+        tail = f": {wire.shown(extra.splitlines()[-1])}" if extra else ""
+        return ConnectionProblem(f"lost the connection to the {self.where} {what}{tail}")
+
+    def _send(self, req: dict[str, Any]) -> None:
+        try:
+            self.chan.write_message(req)
+        except (ConnectionError, OSError) as e:
+            raise self._lost(f"while sending {req.get('op')} ({_why(e)})") from None
+
+    def _reply(self, op: str) -> dict[str, Any]:
+        try:
+            doc = self.chan.read_message(f"the reply to {op}")
+        except (ConnectionError, OSError, wire.ConnectionLost) as e:
+            raise self._lost(f"waiting for the reply to {op} ({_why(e)})") from None
+        except wire.ProtocolError as e:
+            raise ConnectionProblem(f"the {self.where} sent something that is not a reply: {e}") from None
+        if doc is None:
+            raise self._lost(f"waiting for the reply to {op}")
+        if doc.get("ok") is not True:
+            cls = ERROR_CLASSES.get(str(doc.get("error")), LvError)
+            err = cls(_text(doc, "message") or f"the {self.where} failed without a message")
+            err.reply = doc  # type: ignore[attr-defined]
+            raise err
+        return doc
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        self._send({"op": op, **args})
+        return self._reply(op)
+
+    # -- operations
+
+    def hello(self) -> Hello:
+        """The destination and what it holds; the receiver finishes an interrupted apply first."""
+        return parse_hello(self.request("hello"))
+
+    def send_delta(self, source: StreamSource, delta_id: str, *, force: bool = False,
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Stage a delta on the receiver, sending only what it does not already hold verified.
+
+        Asks the receiver what it holds (resume from what the receiver has
+        durably, not from what this side thinks it sent), then streams from
+        there.  Returns the receiver's final reply (``verified``, ``complete``).
+        """
+        staged = self.hello().staged
+        header = stream_header(source)
+        if header.get("delta_id") != delta_id:
+            raise CorruptDelta(f"the stream to send is delta {header.get('delta_id')}, not {delta_id}")
+        offset = 0
+        if staged is not None and staged.delta_id == delta_id:
+            if staged.complete:
+                self.bytes_sent = 0
+                return {"ok": True, "verified": staged.verified, "complete": True, "received": 0,
+                        "delta_id": delta_id}
+            offset = staged.verified
+            if offset:
+                log.info("resuming delta %s at byte %d of %d: the receiver holds the rest verified",
+                         delta_id, offset, source.size)
+        ready = self.request("receive", delta_id=delta_id, from_offset=offset,
+                             identity=header.get("identity"), stream_size=source.size, force=force)
+        start = wire.int_field(ready, "offset", hi=source.size, what="the receiver's reply to receive")
+        return self._stream_bulk(source, start, progress)
+
+    def _stream_bulk(self, source: StreamSource, offset: int, progress: Callable[[int], None] | None) -> dict:
+        self.bytes_sent = 0
+        failure: BaseException | None = None
+        try:
+            for blk in source.read_from(offset):
+                view = memoryview(blk)
+                for p in range(0, len(view), FRAME_BYTES):
+                    self.chan.write_frame(view[p:p + FRAME_BYTES])
+                self.bytes_sent += len(blk)
+                if progress:
+                    progress(len(blk))
+        except (BrokenPipeError, ConnectionError) as e:
+            raise self._lost(f"while sending the delta ({_why(e)})") from None
+        except Exception as e:  # the source failed (disk, snapshot gone): end the bulk cleanly, then re-raise
+            failure = e
+        try:
+            self.chan.write_frame(b"")
+            self.chan.flush()
+        except (BrokenPipeError, ConnectionError, OSError) as e:
+            raise self._lost(f"while sending the delta ({_why(e)})") from None
+        try:
+            reply = self._reply("receive")
+        except BadInput:
+            if failure is not None:
+                raise failure from None
+            raise
+        if failure is not None:
+            raise failure
+        return reply
+
+    def apply(self) -> dict[str, Any]:
+        """Apply the complete staged delta; returns {"applied": delta_id, "state": new state}."""
+        return self.request("apply")
+
+    def discard(self) -> None:
+        """Set aside what is staged and what the state claims (the way out of a stuck mirror)."""
+        self.request("discard")
+
+    def digests(self, block_size: int, max_blocks: int) -> tuple[int, bytearray]:
+        """(destination size, 16-byte SHA-256 prefixes of its first blocks, at most ``max_blocks``).
+
+        The far side's answer is bounded by what was asked: memory is at most
+        ``max_blocks`` digests, whatever it sends.
+        """
+        head = self.request("digests", block_size=block_size, start=0, count=max_blocks)
+        what = "the receiver's digests"
+        n = wire.int_field(head, "count", hi=max_blocks, what=what)
+        size = wire.int_field(head, "size", what=what)
+        if n != min(max_blocks, -(-size // block_size)):
+            raise ConnectionProblem(f"the {self.where} announced {n} digests for {size} bytes")
+        out = bytearray(n * DIGEST_SIZE)
+        got = 0
+        try:
+            while frame := self.chan.read_frame():
+                if got + len(frame) > len(out):
+                    raise ConnectionProblem(f"the {self.where} sent more digests than the {n} it announced")
+                out[got:got + len(frame)] = frame
+                got += len(frame)
+        except wire.ConnectionLost as e:
+            raise self._lost(f"in the middle of the digests ({e})") from None
+        if got != len(out):
+            raise ConnectionProblem(f"the {self.where} sent {got} digest bytes for {n} blocks")
+        return size, out
+
+    def close(self) -> None:
+        """Say goodbye and end the transport (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._send({"op": "bye"})
+            self._reply("bye")
+        except LvError as e:
+            log.debug("closing the %s: %s", self.where, e)  # already gone: closing is all that is left
+        finally:
+            if self.on_close:
+                self.on_close()
+
+    def __enter__(self) -> ReceiverClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _why(e: BaseException) -> str:
+    """An exception's text, never empty (some socket errors have none)."""
+    return str(e) or type(e).__name__

@@ -1,0 +1,100 @@
+"""The deltas lvmirror builds besides LVM's own: full copies, compare resyncs, and the digests they need.
+
+- init:    base "" (an empty destination) and the snapshot's non-zero blocks (thin: mapped blocks);
+- resync:  block digests of the destination against the new snapshot; its base names the
+           destination's present content (the receiver's token), so it applies to nothing else;
+- repair:  the same, against the snapshot the destination holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from lvdeltafs import lvm
+from lvdeltafs.delta import Delta, FileReader, Identity
+from lvdeltafs.extents import DATA, ZERO, Extents
+from lvdeltafs.sources import compare
+from lvmirror.client import Hello, ReceiverClient
+from lvmirror.progress import Progress
+
+BLOCK_SIZE = compare.DEFAULT_BLOCK_SIZE
+
+
+def nonzero_extents(path: str, size: int, block_size: int = BLOCK_SIZE,
+                    progress: Callable[[int], None] | None = None) -> Extents:
+    """DATA where a block holds anything but zeros, ZERO elsewhere: a full copy that skips zero runs."""
+    digests = compare.block_digests(path, block_size, size, progress=progress)
+    data = Extents.from_chunks(np.flatnonzero(~digests["zero"]), block_size, size, DATA)
+    return with_zero_rest(data, size)
+
+
+def with_zero_rest(data: Extents, size: int) -> Extents:
+    """Say ZERO for everything ``data`` does not cover.
+
+    A fresh image file keeps those as holes; a destination that held older
+    bytes there gets them zeroed, so an init is right whatever was there.
+    """
+    if size == 0:
+        return Extents.empty()
+    return data.data_only().union(Extents.from_ranges([0], [size], [ZERO], size))
+
+
+def full_copy_delta(volume: str, target_id: str, path: str, size: int, *, source: str,
+                    mapped: Extents | None = None, block_size: int = BLOCK_SIZE) -> Delta:
+    """An init: base "" (an empty destination) to the target, data ranges only where data is."""
+    if mapped is not None:
+        extents = with_zero_rest(mapped, size)
+    else:
+        with Progress("scanning for data", size) as bar:
+            extents = nonzero_extents(path, size, block_size, bar.update)
+    ident = Identity(volume=volume, base="", target=target_id, base_size=0, target_size=size,
+                     chunk_size=block_size, source=source)
+    return Delta(ident, extents, FileReader(path, size))
+
+
+def thin_mapped(snap: lvm.LogicalVolume, size: int) -> Extents:
+    """The blocks a thin snapshot maps (the rest reads as zeros), from the pool's metadata."""
+    from lvdeltafs.sources import thin
+    devices = lvm.pool_devices(snap.vg, snap.pool)
+    with thin.MetadataSnapshot(devices.tpool_name):
+        return thin.thin_mapped_extents(devices.tmeta, snap.thin_id, size, metadata_snap=True)
+
+
+def destination_digests(client: ReceiverClient, target_size: int,
+                        block_size: int = BLOCK_SIZE) -> tuple[int, int, np.ndarray]:
+    """(destination size, bytes the digests cover, digests), computed by the receiver where it lives.
+
+    Only the blocks under the target's size are asked for: what lies past it
+    is cut off anyway, and it bounds what a far side can make us hold.
+    """
+    max_blocks = -(-target_size // block_size)
+    size, raw = client.digests(block_size, max_blocks)
+    covered = min(size, max_blocks * block_size)
+    return size, covered, compare.digests_from_bytes(bytes(raw), block_size, covered)
+
+
+def source_digests(path: str, size: int, block_size: int = BLOCK_SIZE) -> np.ndarray:
+    with Progress(f"reading {path}", size) as bar:
+        return compare.block_digests(path, block_size, size, progress=bar.update)
+
+
+def compare_delta(client: ReceiverClient, hello: Hello, volume: str, target_id: str, path: str, size: int,
+                  block_size: int = BLOCK_SIZE) -> Delta:
+    """Only the blocks where the destination differs from the target, found by digests on both sides.
+
+    Its base is the receiver's token for the destination as it is now, so the
+    receiver applies it only if nothing changed the destination since.
+    """
+    extents = compare_extents(client, path, size, block_size)
+    ident = Identity(volume=volume, base=hello.token, target=target_id, base_size=hello.size,
+                     target_size=size, chunk_size=block_size, source="compare")
+    return Delta(ident, extents, FileReader(path, size))
+
+
+def compare_extents(client: ReceiverClient, path: str, size: int, block_size: int = BLOCK_SIZE) -> Extents:
+    """What differs between the destination and the image or device at ``path``."""
+    _, covered, dest = destination_digests(client, size, block_size)
+    src = source_digests(path, size, block_size)
+    return compare.diff_digests(dest, src, block_size, covered, size)

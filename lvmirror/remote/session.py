@@ -1,0 +1,262 @@
+"""One receiver session over one destination: lock, recovery, hello, receive, apply, digests, discard.
+
+Before its first request a session takes the destination's lock and finishes
+an interrupted apply, so nothing else ever sees a half-applied destination
+as if it were whole.  Every request's fields are checked here, through
+:mod:`.wire`, before they reach the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from lvdeltafs.fsio import pread_into
+from lvmirror.remote import apply as applying
+from lvmirror.remote.destination import Destination
+from lvmirror.remote.staging import ForeignStream, FrameReader, Stager, receive
+from lvmirror.remote.state import WAY_OUT, Files, describe, unknown_reason
+from lvmirror.remote.state import check_base as _check_base
+from lvmirror.remote.wire import (
+    PROTOCOL_VERSION,
+    NoSpaceError,
+    ProtocolError,
+    RefusedError,
+    RemoteError,
+    StateError,
+    check_identity,
+    delta_id_of,
+    int_field,
+    str_field,
+)
+
+RECEIVER_VERSION = "0.2.0"
+DIGEST_SIZE = 16
+MIN_BLOCK, MAX_BLOCK = 4096, 64 << 20  # digest blocks: bounded before a buffer is allocated
+
+
+class Session:
+    """The engine: every request of one connection, over one destination."""
+
+    def __init__(self, dest: str, state_dir: str | None = None):
+        self.dest = Destination(dest, state_dir)
+        self.files = Files(self.dest)
+        self.replayed: str | None = None
+        self.problem: str | None = None
+        self._locked = False
+        self._recovered = False
+
+    # -- before every request
+
+    def start(self, op: str) -> None:
+        """Hold the lock, and finish an interrupted apply first.
+
+        A replay that fails (no space, damaged staging) is retried on each
+        request; ``hello`` and ``discard`` still run, with the failure as ``problem``.
+        """
+        if not self._locked:
+            self.dest.lock()
+            self._locked = True
+        if self._recovered or op == "discard":
+            return
+        try:
+            self.recover()
+        except (RemoteError, OSError) as e:
+            self.problem = f"finishing the interrupted apply to {self.dest.path} failed: {e}"
+            if op != "hello":
+                raise
+            return
+        self._recovered = True
+
+    def recover(self) -> None:
+        state = self.files.state() or {}
+        progress = self.files.progress()
+        pending = state.get("applying")
+        if not pending:
+            if progress and progress["complete"] and progress["delta_id"] == state.get("delta_id"):
+                # Killed after committing the new state, before removing the staging files.
+                self.files.discard_staging()
+            return
+        if not (progress and progress["complete"] and progress["delta_id"] == pending["delta_id"]):
+            self.problem = (f"{self.dest.path} was being updated by delta {pending['delta_id']} but that "
+                            "delta is no longer staged, so the destination may be a mix of two snapshots; "
+                            + WAY_OUT)
+            return
+        was, now = pending.get("binding"), self.dest.binding() or {}
+        if was is not None and any(was.get(k) != now.get(k) for k in ("kind", "device", "dev", "ino")):
+            self.problem = (f"{self.dest.path} was replaced while delta {pending['delta_id']} was being "
+                            "applied to it; the staged delta does not belong on the new one; " + WAY_OUT)
+            return
+        old = {k: v for k, v in state.items() if k != "applying"}
+        applying.apply_staged(self.files, progress, old, replay=True)
+        self.replayed = pending["delta_id"]
+        print(f"lvmirror receiver: finished applying delta {self.replayed} to {self.dest.path}",
+              file=sys.stderr)
+
+    # -- what the destination holds
+
+    def known_state(self) -> tuple[dict[str, Any] | None, str]:
+        """(the state, if it may be trusted for this destination, else None; why not)."""
+        return self._judge(self.files.state())
+
+    def _judge(self, state: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+        if state is not None and state.get("applying"):
+            return None, self.problem or f"an apply to {self.dest.path} was interrupted"
+        why = unknown_reason(state, self.dest.binding(), self.dest.path)
+        return (None, why) if why else (state, "")
+
+    def staged(self) -> dict[str, Any] | None:
+        progress = self.files.progress()
+        if not progress:
+            return None
+        if self.files.staging_size() < progress["verified"]:
+            return None  # the staging file lost bytes: start that delta over
+        keys = ("delta_id", "verified", "complete", "stream_size", "identity", "force")
+        return {k: progress[k] for k in keys}
+
+    def hello(self) -> dict[str, Any]:
+        recorded = self.files.state()
+        state, unknown = self._judge(recorded)
+        return {"version": PROTOCOL_VERSION, "receiver_version": RECEIVER_VERSION, "dest": self.dest.path,
+                "kind": self.dest.kind, "exists": self.dest.exists(), "size": self.dest.size(),
+                "state": state, "recorded": recorded, "unknown": unknown, "token": self.dest.token(),
+                "staged": self.staged(),
+                "replayed": self.replayed, "problem": self.problem, "paths": self.dest.paths()}
+
+    def check_base(self, identity: dict[str, Any], delta_id: str, force: bool) -> None:
+        if force:
+            return
+        if self.problem:
+            raise RefusedError(self.problem)
+        known, unknown = self.known_state()
+        _check_base(identity, delta_id, known=known, unknown=unknown, dest=self.dest)
+
+    # -- receive
+
+    def begin_receive(self, req: dict[str, Any]) -> Stager:
+        """Check a receive request; a stager that continues from what is held verified (or from 0)."""
+        delta_id = str_field(req, "delta_id")
+        offset = int_field(req, "from_offset", default=0)
+        stream_size = int_field(req, "stream_size", default=0) or None
+        force = req.get("force") is True
+        if offset == 0:
+            identity = check_identity(req.get("identity"))
+            if delta_id_of(identity) != delta_id:
+                raise ProtocolError(f"delta id {delta_id} is not the digest of the identity sent with it")
+            self.check_base(identity, delta_id, force)
+            self.files.discard_staging()
+            return Stager(self.files, delta_id, identity, force=force, stream_size=stream_size, offset=0,
+                          reader_state=None)
+        staged = self.staged()
+        if not staged or staged["delta_id"] != delta_id:
+            raise StateError(f"cannot resume delta {delta_id} at byte {offset}: the receiver holds "
+                             f"{_staged_text(staged)}; send it from byte 0", verified=0)
+        if offset != staged["verified"] or staged["complete"]:
+            held = f"{staged['verified']}{' (complete)' if staged['complete'] else ''}"
+            raise StateError(f"cannot resume delta {delta_id} at byte {offset}: the receiver holds it "
+                             f"verified up to byte {held}; resume from there", verified=staged["verified"])
+        self.check_base(staged["identity"], delta_id, staged["force"] or force)
+        progress = self.files.progress() or {}
+        return Stager(self.files, delta_id, staged["identity"], force=staged["force"] or force,
+                      stream_size=staged["stream_size"], offset=offset, reader_state=progress["reader"])
+
+    def receive(self, stager: Stager, frames: FrameReader) -> dict[str, Any]:
+        """Verify and stage what arrives; the reply says how much is held verified."""
+        try:
+            receive(stager, frames)
+        except ForeignStream:
+            stager.close()
+            self.files.discard_staging()
+            raise
+        except OSError as e:
+            stager.save_quietly()
+            if e.errno in applying.NOSPACE:
+                need = (stager.stream_size or 0) - stager.durable
+                raise NoSpaceError(
+                    f"no space left on {self.dest.path}'s filesystem for the staged delta (needs "
+                    f"{max(need, 0)} more bytes in {self.dest.where(self.dest.staging_name)}): free space "
+                    f"and run again; nothing was applied (the {stager.durable} bytes verified so far are "
+                    "kept and the next run continues from there)", verified=stager.durable) from None
+            raise
+        finally:
+            stager.close()
+        return {"verified": stager.durable, "complete": stager.complete, "received": frames.received,
+                "delta_id": stager.delta_id}
+
+    # -- apply
+
+    def apply(self) -> dict[str, Any]:
+        progress = self.files.progress()
+        if not progress:
+            raise StateError(f"nothing is staged for {self.dest.path}: send a delta first")
+        if not progress["complete"]:
+            raise StateError(f"delta {progress['delta_id']} is staged only up to byte {progress['verified']} "
+                             f"of {progress.get('stream_size') or '?'}: send the rest before applying")
+        self.check_base(progress["identity"], progress["delta_id"], progress["force"])
+        state = self.files.state() or {}
+        new = applying.apply_staged(self.files, progress, state, replay=False)
+        self.problem = None
+        return {"applied": progress["delta_id"], "state": new}
+
+    # -- the way out
+
+    def discard(self) -> dict[str, Any]:
+        """Set aside what is staged and what the state claims: the destination then holds nothing known.
+
+        Works whatever the state and progress files hold (they may be the damage).
+        """
+        try:
+            held = describe(self.files.state() or {})
+        except StateError:
+            held = "a damaged state"
+        self.files.discard_staging()
+        self.files.write_state({"unknown": f"`lvmirror discard` set aside what {self.dest.path} was recorded "
+                                           f"to hold ({held}); its content is unknown until a resync"})
+        self.problem = None
+        self._recovered = True
+        return {"discarded": True}
+
+    # -- digests
+
+    def digests(self, req: dict[str, Any]) -> Iterator[Any]:
+        """Yield (size, n), then the digests in chunks: SHA-256[:16] of each block."""
+        block_size = int_field(req, "block_size", lo=MIN_BLOCK, hi=MAX_BLOCK)
+        start = int_field(req, "start", default=0)
+        count = None if req.get("count") is None else int_field(req, "count")
+        if start % block_size:
+            raise ProtocolError(f"digest start {start} is not a multiple of the block size {block_size}")
+        size = self.dest.size()
+        end = size if count is None else min(size, start + count * block_size)
+        n = max(0, -(-(end - start) // block_size))
+        yield size, n
+        if not n:
+            return
+        fd = self.dest.open_read()
+        try:
+            buf = memoryview(bytearray(block_size))
+            out = bytearray()
+            for off in range(start, end, block_size):
+                view = buf[:min(block_size, end - off)]
+                try:
+                    pread_into(fd, view, off)
+                except EOFError:
+                    raise StateError(f"{self.dest.path} ended early near byte {off} while reading it") \
+                        from None
+                out += hashlib.sha256(view).digest()[:DIGEST_SIZE]
+                if len(out) >= 1 << 16:
+                    yield bytes(out)
+                    out.clear()
+            if out:
+                yield bytes(out)
+        finally:
+            os.close(fd)
+
+
+def _staged_text(staged: dict[str, Any] | None) -> str:
+    if not staged:
+        return "nothing staged"
+    return f"delta {staged['delta_id']} verified up to byte {staged['verified']}"
+
