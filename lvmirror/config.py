@@ -17,7 +17,7 @@
 What can be checked without LVM is checked here (unknown keys, types,
 ranges, a destination under ``/dev/VG/LV``, file permissions); what needs
 LVM (does the VG exist, is the destination on the source) is checked at use
-time by :mod:`lvmirror.sync`, so ``status`` still works for the other volumes
+time by :mod:`lvmirror.pipelines`, so ``status`` still works for the other volumes
 when one VG is missing.
 """
 
@@ -29,10 +29,22 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from lvdeltafs.errors import BadInput, Refused
+from lvdeltafs.errors import BadInput
 from lvdeltafs.lvm import check_name, dm_name
+from lvmirror.destinations import (  # noqa: F401 - ConfigError, UnsafeConfig, Destination: config's API too
+    ConfigError,
+    Destination,
+    UnsafeConfig,
+    check_text,
+    escaped,
+    normpath,
+    parse_destination,
+    shown_path,
+)
+from lvmirror.destinations import (
+    shown as shown_value,
+)
 
 DEFAULT_PATH = "/etc/lvmirror/lvmirror.toml"
 ENV_PATH = "LVMIRROR_CONFIG"
@@ -47,34 +59,11 @@ VOLUME_KEYS = VOLUME_ONLY + SHARED_KEYS
 DEFAULTS_KEYS = SHARED_KEYS + DEFAULTS_ONLY
 
 # Volume names become lock file names and part of an LVM tag: keep them to what both accept.
+# A configuration is a few kilobytes; far more means --config names the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 _SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[bBsSkKmMgGtTpPeE]?")
 
-
-class ConfigError(BadInput):
-    """The configuration file is malformed or holds a value lvmirror cannot use."""
-
-
-class UnsafeConfig(Refused):
-    """The configuration file could be changed by someone who should not control what root runs."""
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where a mirror lives: a local path (image file or block device) or an ssh URL."""
-
-    raw: str
-    path: str
-    host: str = ""
-    user: str = ""
-    port: int = 22
-
-    @property
-    def is_ssh(self) -> bool:
-        return bool(self.host)
-
-    def __str__(self) -> str:
-        return self.raw
 
 
 @dataclass(frozen=True)
@@ -102,7 +91,7 @@ class VolumeConfig:
 
     def where(self, key: str | None = None) -> str:
         """``FILE [volume.NAME] key`` for error messages."""
-        return f"{self.source_file}: [volume.{self.name}]" + (f" {key}" if key else "")
+        return f"{shown_path(self.source_file)}: [volume.{self.name}]" + (f" {key}" if key else "")
 
 
 @dataclass(frozen=True)
@@ -116,7 +105,8 @@ class Config:
             return self.volumes[name]
         except KeyError:
             known = ", ".join(sorted(self.volumes)) or "none"
-            raise ConfigError(f"{self.path}: no volume named {name!r} (configured: {known})") from None
+            raise ConfigError(f"{shown_path(self.path)}: no volume named {shown_value(name)} "
+                              f"(configured: {known})") from None
 
 
 def config_path(explicit: str | None = None) -> str:
@@ -127,53 +117,130 @@ def config_path(explicit: str | None = None) -> str:
 def load(path: str | None = None, *, check_permissions: bool = True) -> Config:
     """Read, check and return the configuration."""
     path = config_path(path)
+    shown = shown_path(path)
+    if "\0" in path:
+        raise ConfigError(f"{shown}: a file name cannot contain a NUL byte (check --config and ${ENV_PATH})")
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file (give one with --config or "
+        raise ConfigError(f"{shown}: no such configuration file (give one with --config or "
                           f"${ENV_PATH})") from None
-    if check_permissions:
-        check_file_safety(path, st)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+        raise ConfigError(f"{shown}: cannot look at the configuration file: {e.strerror}"
+                          f"{_access_hint(e)}") from None
+    # Before opening: open() on a FIFO would wait for a writer, and reading a device or a
+    # directory gives nothing a config could be.
+    _require_regular_file(st, shown)
+    data = _read_config(path, st, shown, check_permissions)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "a TOML file is UTF-8 text: is this the right file?") from None
+    try:
+        doc = tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: thousands of '[' would
+        # otherwise end in a traceback.
+        raise ConfigError(f"{shown}: not valid TOML for lvmirror: arrays or tables are nested too "
+                          "deeply (the configuration needs only [defaults] and [volume.NAME] tables "
+                          "of plain values)") from None
+    except ValueError as e:  # TOMLDecodeError, and anything else tomllib finds malformed
+        raise ConfigError(f"{shown}: not valid TOML: {escaped(str(e))}") from None
     return parse(doc, path)
+
+
+def _require_regular_file(st: os.stat_result, shown: str) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{shown}: is a directory, not a configuration file (give the file itself, "
+                          f"e.g. {shown.rstrip('/')}/lvmirror.toml)")
+    kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode) else "not a file")
+    raise ConfigError(f"{shown}: is {kind}, not a regular file; lvmirror reads its configuration "
+                      "only from a regular file (not a pipe or process substitution)")
+
+
+def _read_config(path: str, st: os.stat_result, shown: str, check_permissions: bool) -> bytes:
+    """The file's bytes, from the same regular file that was stat'ed, checked before it is read."""
+    # O_NONBLOCK: should the path have become a FIFO since the stat, open() returns at once
+    # instead of waiting for a writer; the inode check below then refuses it.
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read the configuration file: {e.strerror}"
+                          f"{_access_hint(e)}") from None
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            raise ConfigError(f"{shown}: the configuration file was replaced while it was being "
+                              "opened; run again")
+        if check_permissions:
+            check_file_safety(path, fst)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read the configuration file: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{shown}: is over {MAX_CONFIG_BYTES} bytes; a configuration file is a few "
+                          "kilobytes: is --config (or $" f"{ENV_PATH}) naming the right file?")
+    return b"".join(chunks)
+
+
+def _access_hint(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return (f" (lvmirror runs as uid {os.geteuid()}: run it as root, or let that user read the "
+                "file and search its directories)")
+    return ""
 
 
 def check_file_safety(path: str, st: os.stat_result | None = None) -> None:
     """Refuse a config anyone else could edit: it decides which devices root overwrites."""
     st = st or os.stat(path)
+    shown = shown_path(path)
     mode = stat.S_IMODE(st.st_mode)
     if mode & stat.S_IWOTH:
-        raise UnsafeConfig(f"{path}: the configuration file is world-writable (mode {mode:04o}); "
-                           f"anyone could point a mirror at any device. Fix: chmod o-w {path}")
+        raise UnsafeConfig(f"{shown}: the configuration file is world-writable (mode {mode:04o}); "
+                           f"anyone could point a mirror at any device. Fix: chmod o-w {shown}")
     if os.geteuid() == 0:
         if st.st_uid != 0:
-            raise UnsafeConfig(f"{path}: running as root but the configuration file is owned by uid "
-                               f"{st.st_uid}, not root. Fix: chown root: {path}")
+            raise UnsafeConfig(f"{shown}: running as root but the configuration file is owned by uid "
+                               f"{st.st_uid}, not root. Fix: chown root: {shown}")
         if mode & stat.S_IWGRP:
-            raise UnsafeConfig(f"{path}: running as root but the configuration file is group-writable "
-                               f"(mode {mode:04o}). Fix: chmod g-w {path}")
+            raise UnsafeConfig(f"{shown}: running as root but the configuration file is group-writable "
+                               f"(mode {mode:04o}). Fix: chmod g-w {shown}")
 
 
 def parse(doc: dict[str, Any], path: str = "<config>") -> Config:
     """Check a parsed TOML document and build the Config."""
+    shown = shown_path(path)
     unknown = sorted(set(doc) - {"defaults", "volume"})
     if unknown:
-        raise ConfigError(f"{path}: unknown table or key {unknown[0]!r} at the top level "
+        raise ConfigError(f"{shown}: unknown table or key {shown_value(unknown[0])} at the top level "
                           "(expected [defaults] and [volume.NAME] tables)")
-    defaults = _table(doc.get("defaults", {}), f"{path}: [defaults]")
-    _check_keys(defaults, DEFAULTS_KEYS, f"{path}: [defaults]")
-    volumes_doc = _table(doc.get("volume", {}), f"{path}: [volume]")
-    volumes = {name: _volume(name, _table(body, f"{path}: [volume.{name}]"), defaults, path)
+    defaults = _table(doc.get("defaults", {}), f"{shown}: [defaults]")
+    _check_keys(defaults, DEFAULTS_KEYS, f"{shown}: [defaults]")
+    volumes_doc = _table(doc.get("volume", {}), f"{shown}: [volume]")
+    volumes = {name: _volume(name, _table(body, _volume_where(shown, name)), defaults, path)
                for name, body in volumes_doc.items()}
-    _check_distinct_destinations(volumes, path)
-    lock_dir = _abs_path(defaults.get("lock_dir", DEFAULT_LOCK_DIR), f"{path}: [defaults] lock_dir")
+    _check_distinct_destinations(volumes, shown)
+    lock_dir = _abs_path(defaults.get("lock_dir", DEFAULT_LOCK_DIR), f"{shown}: [defaults] lock_dir")
     return Config(path, volumes, lock_dir)
+
+
+def _volume_where(shown: str, name: str) -> str:
+    # The name is echoed as written only once it is known to be plain; else escaped.
+    return f"{shown}: [volume.{name if _VOLUME_NAME.fullmatch(name) else shown_value(name)}]"
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:
@@ -185,14 +252,16 @@ def _table(value: Any, where: str) -> dict[str, Any]:
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in table:
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {key!r} (known keys: {', '.join(allowed)})")
+            raise ConfigError(f"{where}: unknown key {shown_value(key)} (known keys: {', '.join(allowed)})")
 
 
 def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str) -> VolumeConfig:
-    where = f"{path}: [volume.{name}]"
+    shown = shown_path(path)
+    where = _volume_where(shown, name)
+    check_text(name, f"{where}: the volume name")
     if not _VOLUME_NAME.fullmatch(name):
-        raise ConfigError(f"{where}: volume name {name!r} may use letters, digits and _ . + - only "
-                          "(it names a lock file and an LVM tag)")
+        raise ConfigError(f"{where}: volume name {shown_value(name)} may use letters, digits and _ . + - "
+                          "only (it names a lock file and an LVM tag)")
     _check_keys(body, VOLUME_KEYS, where)
     merged = {**defaults, **body}
     for key in VOLUME_ONLY:
@@ -214,13 +283,14 @@ def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str
         ssh_key=_opt_path(merged.get("ssh_key"), f"{where} ssh_key"),
         known_hosts=_opt_path(merged.get("known_hosts"), f"{where} known_hosts"),
         source_file=path,
-        work_dir=_abs_path(defaults.get("work_dir", DEFAULT_WORK_DIR), f"{path}: [defaults] work_dir"),
+        work_dir=_abs_path(defaults.get("work_dir", DEFAULT_WORK_DIR), f"{shown}: [defaults] work_dir"),
     )
 
 
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} must be a non-empty string, not {value!r}")
+        raise ConfigError(f"{where} must be a non-empty string, not {shown_value(value)}")
+    check_text(value, where)
     return value
 
 
@@ -236,8 +306,8 @@ def _abs_path(value: Any, where: str) -> str:
     value = _str(value, where)
     if not value.startswith("/"):
         # cron and systemd start in / or $HOME: a relative path would mean different files.
-        raise ConfigError(f"{where} must be an absolute path, not {value!r}")
-    return os.path.normpath(value)
+        raise ConfigError(f"{where} must be an absolute path (starting with /), not {shown_value(value)}")
+    return normpath(value)
 
 
 def _opt_path(value: Any, where: str) -> str | None:
@@ -251,40 +321,21 @@ def _size(value: Any, where: str) -> str | None:
         if value <= 0:
             raise ConfigError(f"{where} must be positive, not {value}")
         return f"{value}b"
+    if isinstance(value, str):
+        check_text(value, where)
     if not isinstance(value, str) or not _SIZE.fullmatch(value) or float(re.sub(r"[^0-9.]", "", value)) <= 0:
-        raise ConfigError(f"{where}: {value!r} is not a size (use e.g. \"1G\", \"512M\" or bytes)")
+        raise ConfigError(f"{where}: {shown_value(value)} is not a size (use e.g. \"1G\", \"512M\" or bytes)")
     return value
 
 
 def _keep(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where} must be a whole number of at least 1 (the base snapshot), "
-                          f"not {value!r}")
+                          f"not {shown_value(value)}")
     return value
 
 
-def parse_destination(raw: str, where: str = "destination") -> Destination:
-    """A local absolute path, or ``ssh://[user@]host[:port]/path``."""
-    if raw.startswith("ssh://"):
-        return _parse_ssh(raw, where)
-    if "://" in raw:
-        raise ConfigError(f"{where}: {raw!r} uses an unknown scheme (use a path or ssh://user@host/path)")
-    return Destination(raw, _abs_path(raw, where))
-
-
-def _parse_ssh(raw: str, where: str) -> Destination:
-    u = urlsplit(raw)
-    try:
-        port = u.port or 22
-    except ValueError:
-        raise ConfigError(f"{where}: {raw!r} has a bad port (1 to 65535)") from None
-    if not u.hostname:
-        raise ConfigError(f"{where}: {raw!r} names no host (ssh://user@host[:port]/path)")
-    if u.query or u.fragment or u.password:
-        raise ConfigError(f"{where}: {raw!r}: no password, '?' or '#' allowed in an ssh destination")
-    if not u.path or u.path == "/":
-        raise ConfigError(f"{where}: {raw!r} names no path on the remote host (ssh://user@host/path)")
-    return Destination(raw, os.path.normpath(u.path), host=u.hostname, user=u.username or "", port=port)
+# ---- destinations -------------------------------------------------------------------------
 
 
 def _check_not_source(dest: str, vg: str, lv: str, where: str) -> None:
@@ -296,12 +347,15 @@ def _check_not_source(dest: str, vg: str, lv: str, where: str) -> None:
                               "must live somewhere else")
 
 
-def _check_distinct_destinations(volumes: dict[str, VolumeConfig], path: str) -> None:
-    seen: dict[str, str] = {}
+def _check_distinct_destinations(volumes: dict[str, VolumeConfig], shown: str) -> None:
+    """Two volumes writing one destination would overwrite each other's mirror, every run."""
+    seen: dict[tuple[str, str, str, int, str], VolumeConfig] = {}
     for v in volumes.values():
-        key = v.destination.raw if v.destination.is_ssh else v.destination.path
-        if key in seen:
-            raise ConfigError(f"{path}: [volume.{v.name}] destination {key} is also the destination of "
-                              f"[volume.{seen[key]}]; each volume needs its own")
-        seen[key] = v.name
-
+        key = v.destination.key
+        first = seen.get(key)
+        if first is not None:
+            same = "" if first.destination.raw == v.destination.raw else \
+                f" (written there as {first.destination.raw}; both name the same place)"
+            raise ConfigError(f"{shown}: [volume.{v.name}] destination {v.destination.raw} is also the "
+                              f"destination of [volume.{first.name}]{same}; each volume needs its own")
+        seen[key] = v
