@@ -156,9 +156,10 @@ class Folder:
         try:
             fd = os.open(name, flags | NOFOLLOW, mode, dir_fd=self.fd)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafePath(f"{self.where(name)} is a symbolic link; lvmirror does not follow links "
-                                 "beside a destination: remove it") from None
+            # ELOOP is O_NOFOLLOW meeting a link; in a sticky folder the kernel's protected_symlinks
+            # and protected_regular answer EACCES first for another user's entry.
+            if e.errno in (errno.ELOOP, errno.EACCES):
+                self._refuse_planted(name)
             raise
         try:
             st = os.fstat(fd)
@@ -167,12 +168,20 @@ class Folder:
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafePath(f"{self.where(name)} is not a regular file")
             if st.st_uid != os.geteuid():
-                raise UnsafePath(f"{self.where(name)} belongs to uid {st.st_uid}, not to this user: someone "
-                                 "else made it; remove it, then run again")
+                self._refuse_planted(name)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _refuse_planted(self, name: str) -> None:
+        st = self.stat(name)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise UnsafePath(f"{self.where(name)} is a symbolic link; lvmirror does not follow links beside "
+                             "a destination: remove it") from None
+        if st is not None and st.st_uid != os.geteuid():
+            raise UnsafePath(f"{self.where(name)} belongs to uid {st.st_uid}, not to this user: someone else "
+                             "made it; remove it, then run again") from None
 
     def read_small(self, name: str, limit: int = 1 << 20) -> bytes | None:
         """The content of a small file of ours, or None if there is none; refused past ``limit`` bytes."""

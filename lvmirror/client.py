@@ -324,9 +324,12 @@ class ReceiverClient:
         ``max_blocks`` digests, whatever it sends.
         """
         head = self.request("digests", block_size=block_size, start=0, count=max_blocks)
-        what = "the receiver's digests"
-        n = wire.int_field(head, "count", hi=max_blocks, what=what)
-        size = wire.int_field(head, "size", what=what)
+        what = f"the {self.where}'s digests"
+        try:
+            n = wire.int_field(head, "count", hi=max_blocks, what=what)
+            size = wire.int_field(head, "size", what=what)
+        except wire.ProtocolError as e:
+            raise ConnectionProblem(str(e)) from None
         if n != min(max_blocks, -(-size // block_size)):
             raise ConnectionProblem(f"the {self.where} announced {n} digests for {size} bytes")
         out = bytearray(n * DIGEST_SIZE)

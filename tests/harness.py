@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -278,3 +279,43 @@ def staging_files(dest: str | Path) -> list[str]:
 V1 = image(8 * MiB, [(0, 64 << 10), (3 * MiB, 2 * MiB + 100)], seed=1)
 V2 = image(8 * MiB, [(0, 64 << 10), (3 * MiB, 2 * MiB + 100), (6 * MiB, MiB)], seed=2)
 V2 = V2[:3 * MiB + 4096] + bytes(8192) + V2[3 * MiB + 12288:]  # a range that becomes zeros
+
+
+# ------------------------------------------------------------ a hostile local user (the adversarial suite)
+
+HOSTILE = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+PLANT_LINKS = """
+import os, sys
+target, folder, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+for name in names:
+    os.symlink(target, os.path.join(folder, name))
+"""
+
+PLANT_FILES = """
+import os, sys
+folder, names = sys.argv[1], sys.argv[2:]
+for name in names:
+    with open(os.path.join(folder, name), "w") as f:
+        f.write("nobody's " + name)
+"""
+
+
+def as_nobody(script: str, *args: str) -> None:
+    """Run a Python snippet as the unprivileged user nobody (the tests run as root)."""
+    import sys
+    out = subprocess.run([*HOSTILE, sys.executable, "-I", "-c", script, *args], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, size: int = 12 << 20, fill: bytes = b"\xee") -> Iterator[str]:
+    """A loop device over a new file full of ``fill`` (zero ranges must really be written); detached after."""
+    backing.write_bytes(fill * size)
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -173,10 +173,10 @@ def _bad_int(doc: dict[str, Any], key: str) -> bool:
 
 def unknown_reason(state: dict[str, Any] | None, binding: dict[str, Any] | None, path: str) -> str:
     """Why the state may not be trusted for this destination ("" when it may)."""
+    if state and state.get("unknown"):
+        return state["unknown"]
     if not state or not state.get("snapshot"):
         return ""
-    if state.get("unknown"):
-        return state["unknown"]
     recorded = state.get("binding")
     if not recorded:
         return "its state does not record which file or device it describes (an older lvmirror wrote it)"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tests.harness import (
     changed,
     delta,
     image,
+    loop_device,
     sha,
     sha_file,
     staging_files,
@@ -388,18 +388,8 @@ def test_a_non_stdlib_import_in_the_bundle_fails_here_too(dest: Path, forbidden:
 @pytest.fixture
 def loop_dev(tmp_path: Path):
     """A 12 MiB loop device full of 0xee (so zero ranges must really be written), detached afterwards."""
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup for a loop device")
-    backing = tmp_path / "backing"
-    backing.write_bytes(b"\xee" * (12 * MiB))
-    res = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
-    if res.returncode:
-        pytest.skip(f"no loop device: {res.stderr.strip()}")
-    dev = res.stdout.strip()
-    try:
+    with loop_device(tmp_path / "backing") as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_block_device_destination(loop_dev: str, tmp_path: Path):
