@@ -28,7 +28,8 @@ DMSETUP_TIMEOUT = 30.0
 
 LVS_FIELDS = (
     "lv_uuid", "lv_name", "vg_name", "lv_attr", "origin", "origin_uuid", "pool_lv", "thin_id",
-    "lv_size", "chunk_size", "snap_percent", "data_percent", "lv_time", "lv_dm_path", "lv_path",
+    "lv_size", "chunk_size", "snap_percent", "data_percent", "metadata_percent", "lv_time", "lv_dm_path",
+    "lv_path",
     "lv_tags", "lv_merging", "lv_skip_activation", "lv_active",
 )
 # -a: a snapshot being merged turns hidden ("[name]"), and must still be seen
@@ -88,7 +89,7 @@ class LogicalVolume:
     size: int
     chunk_size: int
     snap_percent: float | None
-    data_percent: float | None
+    data_percent: float | None  # a thin pool's data use (of a thin volume: how much of it is mapped)
     time: str  # creation time, UTC, "YYYY-MM-DDTHH:MM:SSZ"; "" if LVM does not know it
     creation: int | None  # the same as epoch seconds
     dm_path: str
@@ -98,6 +99,7 @@ class LogicalVolume:
     active: bool = False
     activation_skip: bool = False
     hidden: bool = False  # LVM-internal or merging; lvs shows it as "[name]"
+    metadata_percent: float | None = None  # a thin pool's metadata use
 
     @property
     def vg_lv(self) -> str:
@@ -185,7 +187,7 @@ def _lv_from_row(row: dict[str, str]) -> LogicalVolume:
         merging=bool(row.get("lv_merging", "")),
         active=row.get("lv_active", "") not in ("", "inactive"),
         activation_skip=bool(row.get("lv_skip_activation", "")),
-        hidden=hidden,
+        hidden=hidden, metadata_percent=_float_or_none(row.get("metadata_percent", "")),
     )
 
 

@@ -149,12 +149,20 @@ def status(ctx: click.Context, volumes: tuple[str, ...]) -> None:
         sys.exit(1)
 
 
+def _room(st) -> str:
+    """How full the base snapshot's space is: its COW (classic), or its thin pool's data and metadata."""
+    if st.pool:
+        data = "?" if st.pool_data_percent is None else f"{st.pool_data_percent:.1f}%"
+        meta = "?" if st.pool_metadata_percent is None else f"{st.pool_metadata_percent:.1f}%"
+        return f", thin pool {st.pool}: data {data}, metadata {meta} used"
+    return "" if st.cow_percent is None else f", COW {st.cow_percent:.1f}% full"
+
+
 def _status_text(st) -> str:
     state = st.state
     lines = [f"{st.name}: {st.source} -> {st.destination}"]
     if state.get("snapshot"):
-        cow = "" if st.cow_percent is None else f", COW {st.cow_percent:.1f}% full"
-        lines.append(f"  base snapshot: {st.base or '(missing)'} {st.base_id}{cow}")
+        lines.append(f"  base snapshot: {st.base or '(missing)'} {st.base_id}{_room(st)}")
         lines.append(f"  destination:   generation {state.get('generation')}, {state.get('size')} bytes, "
                      f"last sync {state.get('synced')} ({state.get('source')})")
         if state.get("needs_check"):

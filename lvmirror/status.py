@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lvdeltafs import lvm
 from lvdeltafs.errors import LvError
 from lvmirror import snapshots
 from lvmirror.config import VolumeConfig
@@ -18,7 +19,10 @@ class VolumeStatus:
     destination: str
     base: str = ""  # vg/lv of the base snapshot
     base_id: str = ""
-    cow_percent: float | None = None
+    cow_percent: float | None = None  # classic: how much of the base snapshot's COW space is used
+    pool: str = ""  # thin: the pool, and how full its data and metadata are
+    pool_data_percent: float | None = None
+    pool_metadata_percent: float | None = None
     snapshots: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -50,7 +54,37 @@ def status(vol: VolumeConfig) -> VolumeStatus:
         base = snapshots.check_base(vol, st.base_id, owned)
         if base.snapshot is not None:
             st.base = base.snapshot.vg_lv
-            st.cow_percent = base.snapshot.snap_percent
+            _space(st, base.snapshot)
         if not base.usable:
             st.problems.append(f"{base.problem} (the next sync falls back to a compare resync)")
     return st
+
+
+# Above this, say so: a classic snapshot that fills is dropped by the kernel (the next sync then
+# resyncs by comparing), and a thin pool that fills stops writes to every volume in it.
+WARN_PERCENT = 80.0
+
+
+def _space(st: VolumeStatus, snap: lvm.LogicalVolume) -> None:
+    """How much room the base snapshot has left: its COW space, or its thin pool's data and metadata."""
+    if not snap.is_thin:
+        st.cow_percent = snap.snap_percent
+        if (st.cow_percent or 0) >= WARN_PERCENT:
+            st.problems.append(f"the base snapshot {snap.vg_lv} has used {st.cow_percent:.1f}% of its COW "
+                               "space; when it is full the kernel drops it and the next sync resyncs by "
+                               "comparing: raise snapshot_size, or sync more often")
+        return
+    try:
+        pool = lvm.get_lv(snap.vg, snap.pool)
+    except LvError as e:
+        st.problems.append(f"cannot read thin pool {snap.vg}/{snap.pool}: {e}")
+        return
+    if pool is None:
+        return
+    st.pool = pool.vg_lv
+    st.pool_data_percent, st.pool_metadata_percent = pool.data_percent, pool.metadata_percent
+    for what, used in (("data", pool.data_percent), ("metadata", pool.metadata_percent)):
+        if (used or 0) >= WARN_PERCENT:
+            st.problems.append(f"thin pool {pool.vg_lv} has used {used:.1f}% of its {what} space; when it "
+                               "is full, writes to every thin volume in it fail: extend it (lvextend) or "
+                               "free space")
