@@ -247,7 +247,7 @@ KILL_POINTS = ["receive:2", "apply:3", "applied:1", "committed:1", "rotate:1"]
 
 
 def kill_on_lvremove(tmp_path: Path) -> Path:
-    """A folder whose `lvremove` SIGKILLs the process that runs it (lvmirror), as a crash mid-rotation would."""
+    """A folder whose `lvremove` SIGKILLs its caller (lvmirror), as a crash mid-rotation would."""
     shim = tmp_path / "kill-on-lvremove"
     shim.mkdir(exist_ok=True)
     script = shim / "lvremove"
