@@ -1,7 +1,7 @@
 """The changed-chunk list of a classic LVM snapshot, read from its exception store.
 
 The exception store (the snapshot's ``-cow`` device) is laid out by the
-kernel's ``dm-snap-persistent.c`` (see /work/shared/reference/dm-snapshot-cow.md):
+kernel's ``drivers/md/dm-snap-persistent.c``:
 
 - chunk 0 is a header: magic, valid, version, chunk size in sectors (LE u32 each);
 - metadata area ``a`` is chunk ``1 + a*(E+1)``, E = chunk_size / 16; it holds E

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-VICTIM = b"root's file: must never change\n"
+from tests.harness import VICTIM
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -20,13 +20,13 @@ from lvdeltafs.delta import Identity
 from lvdeltafs.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, BadInput, LvError, Refused
 from lvmirror.client import ReceiverClient
 from lvmirror.transports import LocalTransport
-from tests.adversarial.conftest import VICTIM
 from tests.encoder import write_stream
 from tests.harness import (
     PLANT_FILES,
     PLANT_LINKS,
     V1,
     V2,
+    VICTIM,
     VOL,
     BytesSource,
     MiB,

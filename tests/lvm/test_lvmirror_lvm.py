@@ -8,13 +8,9 @@ a base removed by hand, a volume grown between syncs, a wrong-base apply.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
-import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,108 +18,9 @@ import pytest
 from lvdeltafs import lvm
 from lvdeltafs.errors import EXIT_MISMATCH, EXIT_NO_SPACE, EXIT_REFUSED
 from lvdeltafs.pairs import device_size
-from tests.harness import sh, sha256_of, write_at
+from tests.harness import BIN, VOLUME_MB, MiB, Mirror, seeded_writes, sh, sha256_of, write_at, writing_to
 
 pytestmark = pytest.mark.lvm
-
-BIN = Path(sys.executable).parent
-MiB = 1 << 20
-VOLUME_MB = 32
-
-
-
-
-
-
-def seeded_writes(path: str, size: int, seed: int, count: int = 12) -> None:
-    rng = random.Random(seed)
-    for _ in range(count):
-        length = rng.choice([512, 4096, 65536, 300_000])
-        offset = rng.randrange(0, size - length) // 512 * 512
-        write_at(path, offset, rng.randbytes(length))
-
-
-@contextmanager
-def writing_to(path: str, size: int, seed: int):
-    """A thread writing 4 KiB blocks to the origin for as long as the block runs."""
-    stop, done = threading.Event(), []
-
-    def run() -> None:
-        rng = random.Random(seed)
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            while not stop.is_set() and len(done) < 400:
-                os.pwrite(fd, rng.randbytes(4096), rng.randrange(size // 4096) * 4096)
-                done.append(1)
-                if len(done) % 8 == 0:
-                    os.fsync(fd)
-                stop.wait(0.01)
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    try:
-        yield done
-    finally:
-        stop.set()
-        t.join()
-
-
-class Mirror:
-    """One configured volume with an image-file destination under /tmp."""
-
-    def __init__(self, tmp: Path, vg: str, lv: str, snapshot_size: str | None = "16M", keep: int = 1,
-                 url: str | None = None, extra: str = "", device: str | None = None):
-        """``url``: reach the image through this destination (ssh://...) instead of its path.
-
-        ``device``: the mirror is this block device, its state kept in ``tmp/state``.
-        """
-        self.tmp, self.vg, self.lv, self.name = tmp, vg, lv, lv
-        self.image = Path(device) if device else tmp / f"{lv}.img"
-        self.state_dir = tmp / "state" if device else None
-        if device:
-            url = device
-            extra += f'state_dir = "{self.state_dir}"\n'
-        self.cfg = tmp / "lvmirror.toml"
-        if snapshot_size:
-            extra += f'snapshot_size = "{snapshot_size}"\n'
-        self.cfg.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\nkeep = {keep}\n'
-                            f'[volume.{lv}]\nvg = "{vg}"\nlv = "{lv}"\n'
-                            f'destination = "{url or self.image}"\n' + extra)
-        self.cfg.chmod(0o600)
-
-    @property
-    def origin(self) -> str:
-        return f"/dev/{self.vg}/{self.lv}"
-
-    def run(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(BIN / "lvmirror"), "-c", str(self.cfg), *args], capture_output=True,
-                             text=True)
-        assert out.returncode == expect, f"lvmirror {' '.join(args)} -> {out.returncode}:\n{out.stderr}"
-        return out
-
-    def state(self) -> dict:
-        if self.state_dir:
-            (path,) = self.state_dir.glob("*.json")
-        else:
-            path = Path(f"{self.image}.lvmirror-state")
-        return json.loads(path.read_text())
-
-    def owned(self) -> list[lvm.LogicalVolume]:
-        tags = {"lvmirror", f"lvmirror_vol_{self.name}"}
-        return [x for x in lvm.list_lvs(self.vg) if tags <= set(x.tags)]
-
-    def assert_matches_base(self) -> lvm.LogicalVolume:
-        """The mirror equals the snapshot its state names, and that is the only snapshot left."""
-        state = self.state()
-        owned = self.owned()
-        assert [s.snapshot_id for s in owned] == [state["snapshot"]], (owned, state)
-        base = owned[0]
-        assert device_size(str(self.image)) == device_size(base.path) == state["size"]
-        assert sha256_of(base.path) == sha256_of(self.image), f"mirror differs from {base.vg_lv}"
-        return base
-
 
 def classic(vg, tmp: Path) -> Mirror:
     vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)

@@ -17,8 +17,7 @@ import time
 import pytest
 
 from lvdeltafs.errors import EXIT_MISMATCH
-from tests.harness import write_at
-from tests.lvm.test_lvmirror_lvm import BIN, VOLUME_MB, MiB, Mirror, seeded_writes
+from tests.harness import BIN, VOLUME_MB, MiB, Mirror, seeded_writes, write_at
 
 pytestmark = pytest.mark.lvm
 
