@@ -28,6 +28,7 @@ import fcntl
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
@@ -236,15 +237,25 @@ class Folder:
     def sync(self) -> None:
         os.fsync(self.fd)
 
-    def lock(self, name: str) -> int:
-        """flock ``name`` exclusively without waiting; the lock dies with the process.  Locked if held."""
+    def lock(self, name: str, wait: float = 0.0) -> int:
+        """flock ``name`` exclusively, waiting at most ``wait`` seconds; Locked if another holds it.
+
+        The lock is the returned descriptor's: it goes when that is closed or the process dies
+        (a run killed by the OOM killer or a reboot leaves no stale lock, unlike a pid file).
+        """
         fd = self.open(name, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise Locked(self.where(name), holder if holder.isdigit() else "") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise Locked(self.where(name), holder if holder.isdigit() else "") from None
         # Who holds it, for the message another run prints (advisory only).
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
