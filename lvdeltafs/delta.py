@@ -22,10 +22,14 @@ SOURCE_KINDS = ("cow", "thin", "compare")
 class Identity:
     """What a delta is between.
 
-    ``volume`` is an LV UUID (or, for image files, the target's path);
-    ``base`` and ``target`` name one side each: ``LVUUID@creation-time`` for
-    snapshots, ``image:SIZE:FINGERPRINT`` for files; sizes are in bytes;
-    ``chunk_size`` is the granularity the source tracks changes at.
+    ``volume`` is an LV UUID, or ``image`` for deltas between image files
+    (never a path: a delta of images must chain from one copy to the next,
+    wherever each lives); ``base`` and ``target`` name one side each:
+    ``LVUUID@creation-time`` for snapshots, ``LVUUID@origin-NONCE`` for a live
+    origin (fresh each run: it is not point in time), ``image:SIZE:DIGEST``
+    for an image named by its content (see :func:`lvdeltafs.pairs.image_side`);
+    sizes are in bytes; ``chunk_size`` is the granularity the source tracks
+    changes at.
     """
 
     volume: str
@@ -59,7 +63,7 @@ class TargetReader(Protocol):
 
     size: int
 
-    def pread(self, length: int, offset: int) -> bytes: ...
+    def pread(self, offset: int, length: int) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -72,7 +76,7 @@ class FileReader:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = size if size is not None else os.lseek(self.fd, 0, os.SEEK_END)
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
             raise OSError(5, f"short read of {self.path} at {offset}: {len(data)} of {length} bytes "
@@ -102,7 +106,7 @@ class Delta:
     notes: list[str] = field(default_factory=list)
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.target.pread(length, offset)
+        return self.target.pread(offset, length)
 
     def close(self) -> None:
         self.target.close()

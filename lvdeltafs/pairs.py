@@ -7,9 +7,9 @@ same pair.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +23,8 @@ from lvdeltafs.sources import compare, cow, thin
 log = logging.getLogger(__name__)
 
 COW_MAGIC = b"SnAp"
-FINGERPRINT_SAMPLES = 64
-FINGERPRINT_SAMPLE = 4096
+# The identity volume of every delta between image files: see image_side.
+IMAGE_VOLUME = "image"
 # Fine enough that a small write costs little more than itself, coarse enough
 # that the digests of a TiB volume stay a few hundred MiB.
 COMPARE_BLOCK = 64 * 1024
@@ -50,21 +50,31 @@ def device_size(path: str) -> int:
         os.close(fd)
 
 
-def image_id(path: str) -> str:
-    """``image:SIZE:FINGERPRINT`` — a file side named by its path, size and sampled content.
+def image_side(size: int, digest: str) -> str:
+    """``image:SIZE:DIGEST``: an image-file side named by its content, never by its path.
 
-    Reading a whole image to name it would cost as much as a compare, so the
-    fingerprint hashes the absolute path, the size and 4 KiB samples spread
-    evenly over the file (and its last 4 KiB): cheap, and different for two
-    images that differ anywhere near a sample or live at different paths.
+    ``DIGEST`` is the side's content digest (:class:`lvdeltafs.sources.compare.ContentDigest`,
+    128 bits of it), taken while the compare reads the image whole anyway.  So
+    the target of ``export A B`` and the base of ``export B C`` get the same
+    name wherever B lives, and an image changed in place gets a new one.  The
+    identity's volume is then :data:`IMAGE_VOLUME` for every image pair: a
+    path would break the chain (B's copy lives elsewhere), and the sides'
+    names already bind the delta to exact contents and sizes.
     """
+    return f"image:{size}:{digest[:32]}"
+
+
+def image_id(path: str, block_size: int = COMPARE_BLOCK) -> str:
+    """The name :func:`compare_delta` gives the image at ``path`` (as base or target), by reading it whole."""
+    _require_readable(path)
     size = device_size(path)
-    h = hashlib.sha256(f"{os.path.abspath(path)}\0{size}".encode())
-    with open(path, "rb") as f:
-        for i in range(FINGERPRINT_SAMPLES):
-            pos = max(0, (size - FINGERPRINT_SAMPLE) * i // (FINGERPRINT_SAMPLES - 1))
-            h.update(os.pread(f.fileno(), FINGERPRINT_SAMPLE, pos))
-    return f"image:{size}:{h.hexdigest()[:16]}"
+    digests = compare.block_digests(path, block_size, size)
+    return image_side(size, compare.content_digest(digests, size, block_size))
+
+
+def _fresh(what: str) -> str:
+    """A name no other run gives: for a side that is not point in time or not read whole."""
+    return f"{what}-{secrets.token_hex(8)}"
 
 
 def is_cow_image(path: str) -> bool:
@@ -84,27 +94,54 @@ def _require_readable(path: str) -> None:
 # ---- file sources ---------------------------------------------------------
 
 def compare_delta(base: str, target: str, block_size: int = COMPARE_BLOCK) -> Delta:
-    """The delta between two images or block devices, by comparing their blocks."""
+    """The delta between two images or block devices, by comparing their blocks.
+
+    Each side is named by its content (:func:`image_side`), digested during
+    the compare's one read of both.
+    """
     for p in (base, target):
         _require_readable(p)
     base_size, target_size = device_size(base), device_size(target)
-    extents = compare.compare_extents(base, target, block_size=block_size)
-    ident = Identity(volume=os.path.abspath(target), base=image_id(base), target=image_id(target),
-                     base_size=base_size, target_size=target_size, chunk_size=block_size,
-                     source="compare")
-    return Delta(ident, extents, FileReader(target, target_size))
+    before = _file_stamps(base, target)
+    found = compare.compare_images(base, target, block_size=block_size, base_size=base_size,
+                                   target_size=target_size)
+    if _file_stamps(base, target) != before:
+        raise Refused(f"{base} or {target} was written to while they were compared, so the delta would "
+                      "name contents neither holds; stop whatever writes it (or compare copies), then "
+                      "run again")
+    ident = Identity(volume=IMAGE_VOLUME, base=image_side(base_size, found.base_digest),
+                     target=image_side(target_size, found.target_digest), base_size=base_size,
+                     target_size=target_size, chunk_size=block_size, source="compare")
+    return Delta(ident, found.extents, FileReader(target, target_size))
+
+
+def _file_stamps(*paths: str) -> list[tuple[int, int, int, int]]:
+    """What changes when a regular file is written (block devices keep no such stamp)."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode)
+                   else (st.st_dev, st.st_ino, 0, 0))
+    return out
 
 
 def cow_image_delta(cow_path: str, target: str) -> Delta:
-    """A classic COW store copied to a file (or a COW device) with an image of the target."""
+    """A classic COW store copied to a file (or a COW device) with an image of the target.
+
+    Only the chunks the store lists are read, so neither side is read whole
+    and neither can be named by its content: both get names fresh each run.
+    Such a delta never chains (no destination's state can name its base);
+    it applies with ``lvmirror apply --force``, which a full check follows.
+    """
     for p in (cow_path, target):
         _require_readable(p)
     target_size = device_size(target)
     table = cow.read_exception_table(cow_path)
     extents = cow.cow_extents(table, target_size)
-    ident = Identity(volume=os.path.abspath(target), base=image_id(cow_path), target=image_id(target),
-                     base_size=target_size, target_size=target_size, chunk_size=table.chunk_size,
-                     source="cow")
+    run = _fresh("run")
+    ident = Identity(volume=IMAGE_VOLUME, base=f"cow:{target_size}:{run}",
+                     target=f"image:{target_size}:{run}", base_size=target_size, target_size=target_size,
+                     chunk_size=table.chunk_size, source="cow")
     return Delta(ident, extents, FileReader(target, target_size))
 
 
@@ -170,8 +207,9 @@ def lvm_delta(base_name: str, target_name: str) -> Delta:
 
 
 def _identity(pair: LvmPair, extents_chunk: int, source: str) -> Identity:
-    return Identity(volume=pair.origin.uuid, base=pair.base.snapshot_id,
-                    target=pair.target.snapshot_id if pair.point_in_time else f"{pair.origin.uuid}@origin",
+    # A live origin keeps changing: named afresh each run, a transfer of it never resumes into another's.
+    target = pair.target.snapshot_id if pair.point_in_time else _fresh(f"{pair.origin.uuid}@origin")
+    return Identity(volume=pair.origin.uuid, base=pair.base.snapshot_id, target=target,
                     base_size=pair.base_size, target_size=pair.target_size,
                     chunk_size=extents_chunk, source=source)
 

@@ -2,7 +2,8 @@
 
 This module is imported by lvmirror's receiver, which is shipped on its own
 to hosts that have nothing but python3, so it uses ONLY the standard library
-and raises its own :class:`StreamError` family.  Code inside the project
+(and :mod:`lvdeltafs.fsio`, standard-library only and shipped with it) and
+raises its own :class:`StreamError` family.  Code inside the project
 converts those with :func:`lvdeltafs.formats.project_error` into
 CorruptDelta / UnsupportedFormat.
 
@@ -27,6 +28,9 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+
+# Shipped with this module wherever it goes (lvmirror.remote.SHIPPED), and standard-library only too.
+from lvdeltafs.fsio import ShortRead, read_exactly
 
 MAGIC = b"LVDELTA\x00"
 VERSION = 1
@@ -163,56 +167,6 @@ def canonical(pieces: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int
         cur = [off, ln, kind]
     if cur is not None:
         yield cur[0], cur[1], cur[2]
-
-
-def write_stream(identity: dict[str, Any], target_size: int, pieces: Iterable[tuple[int, int, int]],
-                 read: ReadFn, *, delta_id: str | None = None, start: int = 0) -> Iterator[bytes]:
-    """Generate the stream as bytes blocks, starting at stream byte ``start``.
-
-    ``start`` must be a record boundary (0, or a ``Record.end`` a reader
-    reported); records before it are counted for END but never read.
-    Needs no random access to ``pieces``, only one pass.
-    """
-    header = encode_header(identity, target_size, delta_id)
-    prefix, seed = _prefix(header, target_size)
-    pos = 0
-    for blk in prefix:
-        if pos >= start:
-            yield blk
-        elif pos + len(blk) > start:
-            raise ValueError(f"stream offset {start} is not a record boundary")
-        pos += len(blk)
-    ndata = nzero = dbytes = zbytes = 0
-    crc32, head, rp = zlib.crc32, _head, _read_piece
-    for off, ln, kind in canonical(pieces):
-        if off + ln > target_size:
-            raise ValueError(f"range {off}+{ln} is past the target size {target_size}")
-        if kind == KIND_ZERO:
-            if pos >= start:
-                yield head(T_ZERO, 0, off, ln, 0, seed)
-            elif pos + HEAD_SIZE > start:
-                raise ValueError(f"stream offset {start} is not a record boundary")
-            pos += HEAD_SIZE
-            nzero += 1
-            zbytes += ln
-            continue
-        end = off + ln
-        for p in range(off, end, MAX_DATA):
-            n = min(MAX_DATA, end - p)
-            if pos >= start:
-                data = rp(read, p, n)
-                yield head(T_DATA, n, p, n, crc32(data), seed)
-                yield data
-            elif pos + HEAD_SIZE + n > start:
-                raise ValueError(f"stream offset {start} is not a record boundary")
-            pos += HEAD_SIZE + n
-        ndata += data_records(ln)
-        dbytes += ln
-    if start > pos:
-        if start == pos + END_SIZE:
-            return  # the receiver already has everything
-        raise ValueError(f"stream offset {start} is not a record boundary")
-    yield _end_record(pos, 2 + ndata + nzero, ndata, nzero, dbytes, zbytes, seed)
 
 
 def _end_record(pos: int, nrec: int, ndata: int, nzero: int, dbytes: int, zbytes: int, seed: int) -> bytes:
@@ -436,16 +390,17 @@ class StreamReader:
                              self.dbytes, self.zbytes, self.pos)
 
     def _read(self, n: int) -> bytes:
-        buf = self.f.read(n)
-        if buf is None:
-            buf = b""
-        # Pipes and sockets may return less than asked before EOF.
-        while len(buf) < n:
-            more = self.f.read(n - len(buf))
-            if not more:
-                break
-            buf += more
-        return buf
+        """``n`` bytes, or at EOF what was left (shorter), so the caller can say where the stream ends."""
+        got: list[bytes] = []
+
+        def read(k: int) -> bytes:
+            part = self.f.read(k) or b""
+            got.append(part)
+            return part
+        try:
+            return read_exactly(read, n)  # pipes and sockets may return less than asked before EOF
+        except ShortRead:
+            return b"".join(got)
 
     def __iter__(self) -> Iterator[Record]:
         if self.done:
@@ -537,13 +492,19 @@ class StreamReader:
             raise _corrupt(at, f"header record of {plen} bytes is malformed (limit {MAX_HEADER})")
 
     def _apply_header(self, rec: Record, payload: bytes) -> None:
+        at = rec.start + HEAD_SIZE
         try:
             doc = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested JSON exhausts the parser's recursion
             doc = None
         if (not isinstance(doc, dict) or not isinstance(doc.get("identity"), dict)
                 or type(doc.get("target_size")) is not int or doc["target_size"] < 0):
-            raise _corrupt(rec.start + HEAD_SIZE, "the header is not the expected JSON object")
+            raise _corrupt(at, "the header is not the expected JSON object")
+        named = doc["identity"].get("target_size", doc["target_size"])
+        if type(named) is not int or named != doc["target_size"]:
+            # The receiver takes sizes from the identity and writes by the header: they must agree.
+            raise _corrupt(at, f"the header's identity says the target is {named!r} bytes but the header "
+                           f"says {doc['target_size']}")
         self.header = doc
         self.seed = zlib.crc32(payload)
         rec.header = doc

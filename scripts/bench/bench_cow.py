@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 
 from lvdeltafs.sources.cow import cow_extents, parse_exception_table, read_exception_table  # noqa: E402
-from lvdeltafs.sources.cowimage import write_cow_image  # noqa: E402
+from tests.cowimage import write_cow_image  # noqa: E402
 
 CHUNK = 4096
 TARGET_RATE = 10_000_000

@@ -17,7 +17,7 @@ from lvdeltafs.sources.cow import (
     cow_extents,
     read_exception_table,
 )
-from lvdeltafs.sources.cowimage import kernel_new_chunks, write_cow_image
+from tests.cowimage import kernel_new_chunks, write_cow_image
 
 pytestmark = pytest.mark.lvm
 

@@ -14,6 +14,8 @@ from lvdeltafs.sources.compare import (
     DIGEST_DTYPE,
     block_digests,
     compare_extents,
+    compare_images,
+    content_digest,
     diff_digests,
     digest_block,
     digests_from_bytes,
@@ -46,8 +48,14 @@ def both_ways(tmp_path, base: bytes, target: bytes, bs: int = BS) -> Extents:
     """compare_extents, checked against diff_digests and against applying it."""
     bp, tp = write(tmp_path, "base", base), write(tmp_path, "target", target)
     direct = compare_extents(bp, tp, bs)
-    via_digests = diff_digests(block_digests(bp, bs), block_digests(tp, bs), bs, len(base), len(target))
+    bd, td = block_digests(bp, bs), block_digests(tp, bs)
+    via_digests = diff_digests(bd, td, bs, len(base), len(target))
     assert direct == via_digests
+    # The same read also names each side by its content, as its block digests do.
+    found = compare_images(bp, tp, bs)
+    assert found.extents == direct
+    assert found.base_digest == content_digest(bd, len(base), bs)
+    assert found.target_digest == content_digest(td, len(target), bs)
     assert hashlib.sha256(apply(base, target, direct)).digest() == hashlib.sha256(target).digest()
     return direct
 
@@ -198,3 +206,116 @@ def test_an_error_in_one_thread_stops_the_others(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         block_digests(bp, BS, workers=4)
     assert len(calls) < 64
+
+
+# ---------------------------------------------------------------- content names and identities
+
+
+def test_content_digest_names_content_not_path_or_thread_order(tmp_path):
+    data = image(20, 64 * BS + 7)
+    a, b = write(tmp_path, "a", data), write(tmp_path, "elsewhere-b", data)
+    one = compare_images(a, b, BS, workers=1)
+    many = compare_images(b, a, BS, workers=4)
+    assert one.base_digest == one.target_digest == many.base_digest == many.target_digest
+    changed = bytearray(data)
+    changed[40 * BS] ^= 1
+    assert compare_images(a, write(tmp_path, "c", changed), BS).target_digest != one.target_digest
+    # The size is part of the name: zeros appended are a different image.
+    assert compare_images(a, write(tmp_path, "d", data + bytes(BS)), BS).target_digest != one.target_digest
+
+
+def test_a_longer_base_is_read_to_its_end_for_its_name(tmp_path):
+    base = image(21, 20 * BS)
+    other = bytearray(base)
+    other[-1] ^= 1  # differs only past the target's end
+    target = write(tmp_path, "t", base[:5 * BS])
+    a = compare_images(write(tmp_path, "a", base), target, BS)
+    b = compare_images(write(tmp_path, "b", other), target, BS)
+    assert a.extents == b.extents and a.target_digest == b.target_digest
+    assert a.base_digest != b.base_digest
+
+
+def test_image_deltas_chain_by_content(tmp_path):
+    """The target of A->B is, by name, the base of B->C wherever B lives; the volume is no path."""
+    from lvdeltafs import pairs
+
+    a = image(30, 40 * BS)
+    b = bytearray(a)
+    b[3 * BS] ^= 1
+    c = bytearray(b)
+    c[9 * BS] ^= 1
+    ab = pairs.compare_delta(write(tmp_path, "a.img", a), write(tmp_path, "b.img", b))
+    bc = pairs.compare_delta(write(tmp_path, "copy-of-b.img", b), write(tmp_path, "c.img", c))
+    try:
+        assert ab.identity.volume == bc.identity.volume == pairs.IMAGE_VOLUME
+        assert ab.identity.target == bc.identity.base
+        assert ab.identity.target_size == bc.identity.base_size
+        assert ab.identity.target == pairs.image_id(str(tmp_path / "b.img"))
+        assert ab.identity.target.startswith(f"image:{len(b)}:")
+        assert str(tmp_path) not in str(ab.identity.to_dict())
+    finally:
+        ab.close()
+        bc.close()
+
+
+def test_an_image_changed_in_place_gets_a_new_name_and_delta_id(tmp_path):
+    from lvdeltafs import pairs
+
+    a = write(tmp_path, "a.img", image(31, 16 * BS))
+    b_data = bytearray(image(31, 16 * BS))
+    b_data[BS] ^= 1
+    b = write(tmp_path, "b.img", b_data)
+    first, again = pairs.compare_delta(a, b), pairs.compare_delta(a, b)
+    with open(b, "r+b") as f:  # in place: same path, same size
+        f.seek(2 * BS)
+        f.write(b"changed")
+    changed = pairs.compare_delta(a, b)
+    for d in (first, again, changed):
+        d.close()
+    assert first.identity.delta_id == again.identity.delta_id  # same content, same delta
+    assert changed.identity.target != first.identity.target
+    assert changed.identity.delta_id != first.identity.delta_id
+
+
+def test_an_image_written_during_the_compare_is_refused(tmp_path, monkeypatch):
+    from lvdeltafs import pairs
+    from lvdeltafs.errors import Refused
+    from lvdeltafs.sources import compare
+
+    a, b = write(tmp_path, "a.img", image(32)), write(tmp_path, "b.img", image(33))
+    real = compare.compare_images
+
+    def writing(*args, **kw):
+        found = real(*args, **kw)
+        with open(b, "r+b") as f:
+            f.write(b"late")
+        return found
+    monkeypatch.setattr(compare, "compare_images", writing)
+    with pytest.raises(Refused, match="written to while they were compared"):
+        pairs.compare_delta(a, b)
+
+
+def test_sides_not_read_whole_are_named_afresh_each_run(tmp_path):
+    """A COW-store pair and a live origin are not named by content: a new name each run."""
+    from types import SimpleNamespace
+
+    from lvdeltafs import pairs
+    from tests.cowimage import write_cow_image
+
+    write_cow_image(tmp_path / "cow", BS, [1, 3])
+    target = write(tmp_path, "t.img", image(34, 8 * BS))
+    cow = str(tmp_path / "cow")
+    one, two = pairs.cow_image_delta(cow, target), pairs.cow_image_delta(cow, target)
+    one.close()
+    two.close()
+    assert one.identity.delta_id != two.identity.delta_id
+    assert one.identity.volume == pairs.IMAGE_VOLUME
+
+    origin = SimpleNamespace(uuid="ORIGIN-UUID")
+    snap = SimpleNamespace(uuid="SNAP-UUID", snapshot_id="SNAP-UUID@2024-01-01T00:00:00Z")
+    live = pairs.LvmPair(base=snap, target=origin, origin=origin, base_size=BS, target_size=BS)
+    ids = {pairs._identity(live, BS, "cow").target for _ in range(3)}
+    assert len(ids) == 3 and all(i.startswith("ORIGIN-UUID@origin-") for i in ids)
+    fixed = pairs.LvmPair(base=snap, target=SimpleNamespace(uuid="T", snapshot_id="T@1"), origin=origin,
+                          base_size=BS, target_size=BS)
+    assert pairs._identity(fixed, BS, "cow") == pairs._identity(fixed, BS, "cow")

@@ -1,4 +1,4 @@
-"""The classic snapshot exception-store reader, on stores written by cowimage."""
+"""The classic snapshot exception-store reader, on stores written by tests.cowimage."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lvdeltafs.sources.cow import (
     parse_exception_table,
     read_exception_table,
 )
-from lvdeltafs.sources.cowimage import kernel_new_chunks, write_cow_image
+from tests.cowimage import kernel_new_chunks, write_cow_image
 
 
 def _both(path, **kw):

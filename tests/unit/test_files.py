@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lvdeltafs.delta import Delta, Identity
-from lvdeltafs.errors import CorruptDelta
+from lvdeltafs.errors import CorruptDelta, Refused
 from lvdeltafs.extents import DATA, ZERO, Extents
 from lvdeltafs.formats.files import NAMES, DeltaFiles, export, verify_path
 from lvdeltafs.formats.stream import MAX_DATA, iter_records
@@ -27,7 +27,7 @@ class MemTarget:
         self.data = data
         self.size = len(data)
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def pread(self, offset: int, length: int) -> bytes:
         return self.data[offset:offset + length]
 
     def close(self) -> None:
@@ -112,7 +112,7 @@ def test_manifest_size_known_before_digest():
 
 def test_sizes_need_no_reads():
     class NoRead(MemTarget):
-        def pread(self, length, offset):
+        def pread(self, offset, length):
             raise AssertionError("read during stat")
 
     delta, _ = make_delta(*CASE)
@@ -198,3 +198,170 @@ def test_missing_file(exported, tmp_path):
     os.unlink(bad / "chunks")
     with pytest.raises(CorruptDelta, match="chunks is missing"):
         verify_path(str(bad))
+
+
+def test_touching_ranges_of_one_kind_still_verify(exported, tmp_path):
+    """A hand-split ranges line is legal input (as parse_ranges has it): coalesced before comparing."""
+    _, _, d, _ = exported
+    ok = tmp_path / "split"
+    shutil.copytree(d, ok)
+    first = f"8192 {2 * MAX_DATA + 7} data\n"
+    text = (ok / "ranges").read_text()
+    assert first in text
+    (ok / "ranges").write_text(text.replace(first, f"8192 7 data\n8199 {2 * MAX_DATA} data\n"))
+    assert verify_path(str(ok))["extents"] == len(CASE[1])
+
+
+@pytest.mark.parametrize("line, match", [
+    (b"1" * 5000 + b"\n", "ranges line 1 is malformed"),
+    (b"0 5 data\n0 5 data\n", "ranges line 2: offset 0 is before"),
+    (b"0 99999999999 data\n", "ranges line 1: range 0\\+99999999999 ends past"),
+])
+def test_bad_ranges_lines_name_their_line(exported, tmp_path, line, match):
+    _, _, d, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    (bad / "ranges").write_bytes(line)
+    with pytest.raises(CorruptDelta, match=match):
+        verify_path(str(bad))
+
+
+@pytest.mark.parametrize("where", [
+    100,                      # the first byte of a zero range
+    150,                      # inside a zero range
+    8191,                     # the last byte of a plain gap, just before a data range
+    8192 + 2 * MAX_DATA + 7,  # the first byte after a data range
+    3 * MAX_DATA + 5,         # a zero range near the end
+    3 * MAX_DATA + 50,        # the gap before the last data range
+])
+def test_verify_refuses_bytes_outside_the_data_ranges(exported, tmp_path, where):
+    """`data` must read as zeros outside its data ranges; the first offending offset is named."""
+    _, _, d, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    with open(bad / "data", "r+b") as f:
+        f.seek(where)
+        f.write(b"\x01")
+    with pytest.raises(CorruptDelta, match=f"non-zero byte at offset {where},"):
+        verify_path(str(bad))
+
+
+def test_verify_finds_a_byte_in_a_large_sparse_gap(tmp_path):
+    """Gaps over 1 MiB are read only where the file has data (SEEK_DATA), and still checked."""
+    size = 64 * MAX_DATA
+    delta, _ = make_delta(size, [(0, 10, DATA), (size - 10, 10, DATA)])
+    export(delta, str(tmp_path / "d"))
+    assert verify_path(str(tmp_path / "d"))["data_bytes"] == 20
+    with open(tmp_path / "d" / "data", "r+b") as f:
+        f.seek(37 * MAX_DATA + 12345)
+        f.write(b"\x00\x00\x09")
+    with pytest.raises(CorruptDelta, match=f"non-zero byte at offset {37 * MAX_DATA + 12347},"):
+        verify_path(str(tmp_path / "d"))
+
+
+def test_deeply_nested_or_huge_manifest_is_corrupt(exported, tmp_path):
+    _, _, d, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    (bad / "manifest.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(CorruptDelta, match="manifest.json is not valid JSON"):
+        verify_path(str(bad))
+    (bad / "manifest.json").write_bytes(b" " * (2 << 20) + b"{}")
+    with pytest.raises(CorruptDelta, match="manifest.json is over"):
+        verify_path(str(bad))
+
+
+class Pattern:
+    """A target of any size whose bytes are never zero (cheap to make, any offset)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes((offset + i) % 251 + 1 for i in range(length))
+
+    def close(self) -> None:
+        pass
+
+
+RSS_PROBE = """
+import resource, sys
+from lvdeltafs.formats.files import verify_path
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+verify_path(sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_verify_memory_does_not_grow_with_the_ranges_file(tmp_path):
+    """80,000 ranges lines (1.6 MB): verify streams them; parsing the whole text at once took 8x its size."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    n, size = 40_000, 1 << 40
+    offsets = 10**11 + np.arange(2 * n, dtype=np.uint64)
+    kinds = np.tile(np.array([DATA, ZERO], np.uint8), n)
+    ext = Extents.from_ranges(offsets, np.ones(2 * n, np.uint64), kinds, size)
+    ident = Identity(volume="image", base="a", target="b", base_size=size, target_size=size,
+                     chunk_size=4096, source="compare")
+    export(Delta(ident, ext, Pattern(size)), str(tmp_path / "d"))
+    assert (tmp_path / "d" / "ranges").stat().st_size == 1_600_000
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(tmp_path / "d")], capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr
+    grew_kib = int(out.stdout)
+    assert grew_kib < 5 * 1024, f"verify grew by {grew_kib} KiB"
+
+
+# ---------------------------------------------------------------- export's directory
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722])
+def test_export_refuses_a_directory_others_can_write(tmp_path, mode):
+    delta, _ = make_delta(*CASE)
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(mode)
+    with pytest.raises(Refused, match="can be written by users other than its owner"):
+        export(delta, str(d))
+    assert os.listdir(d) == []
+
+
+def test_export_into_a_sticky_shared_directory_and_again_over_its_own_files(tmp_path):
+    delta, target = make_delta(*CASE)
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(0o1777)
+    export(delta, str(d))
+    other, _ = make_delta(CASE[0], CASE[1][:2], seed=1)
+    sizes = export(other, str(d))  # our own files from the first export are replaced
+    assert sorted(os.listdir(d)) == sorted(NAMES), "no temporary files left"
+    for name in NAMES:
+        st_ = os.lstat(d / name)
+        assert st_.st_mode & 0o777 == 0o600 and st_.st_uid == os.geteuid()
+        assert sizes[name] == st_.st_size
+    assert verify_path(str(d))["delta_id"] == other.identity.delta_id
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_refuses_a_link_at_a_final_name(tmp_path, name):
+    delta, _ = make_delta(*CASE)
+    d = tmp_path / "d"
+    d.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    os.symlink(victim, d / name)
+    with pytest.raises(Refused, match="is a symbolic link"):
+        export(delta, str(d))
+    assert victim.read_bytes() == b"keep me" and os.readlink(d / name) == str(victim)
+    assert os.listdir(d) == [name], "nothing else was written"
+
+
+def test_export_does_not_create_through_a_dangling_link_at_the_directory(tmp_path):
+    delta, _ = make_delta(*CASE)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "d")
+    with pytest.raises(Refused, match="exists and is not a directory"):
+        export(delta, str(tmp_path / "d"))
+    assert not (tmp_path / "elsewhere").exists()

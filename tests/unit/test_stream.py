@@ -22,8 +22,8 @@ from lvdeltafs.formats.stream import (
     StreamUnsupported,
     iter_records,
     verify_stream,
-    write_stream,
 )
+from tests.encoder import write_stream
 
 D, Z = S.KIND_DATA, S.KIND_ZERO
 IDENT = {"volume": "vol-uuid", "base": "b@1", "target": "t@2", "base_size": 0, "target_size": 0,
@@ -359,3 +359,40 @@ def test_slow_reader_short_reads():
 
     s = verify_stream(Dribble(blob))
     assert s.stream_bytes == len(blob)
+
+
+def header_stream(payload: bytes, size: int = 1000) -> bytes:
+    """A stream whose HEADER payload is ``payload``, every checksum valid."""
+    prefix, seed = S._prefix(payload, size)
+    return b"".join(prefix)
+
+
+def test_deeply_nested_header_json_is_corrupt_not_a_crash():
+    """json.loads raises RecursionError (not ValueError) on deep nesting: still 'corrupt'."""
+    deep = b"[" * 30000 + b"]" * 30000
+    assert len(deep) <= S.MAX_HEADER
+    e = rejects(header_stream(deep), match="not the expected JSON object")
+    assert e.offset == S.PREAMBLE_SIZE + HEAD_SIZE
+    nested_in_identity = (b'{"identity":' + b'{"a":' * 10000 + b"1" + b"}" * 10000
+                          + b',"target_size":1000}')
+    rejects(header_stream(nested_in_identity), match="not the expected JSON object")
+
+
+def test_identity_disagreeing_with_header_target_size_is_corrupt():
+    size = 1000
+    header = S.encode_header({**ident(size), "target_size": size + 4096}, size, "abc")
+    rejects(header_stream(header, size), match="identity says the target is 5096 bytes")
+    header = S.encode_header({**ident(size), "target_size": "1000"}, size, "abc")
+    rejects(header_stream(header, size), match="identity says")
+    # No target_size in the identity at all: nothing to disagree with.
+    no_key = {k: v for k, v in ident(size).items() if k != "target_size"}
+    blob = b"".join(write_stream(no_key, size, [(0, 4, D)], lambda o, n: b"abcd"[o:o + n], delta_id="abc"))
+    assert verify_stream(io.BytesIO(blob)).data_bytes == 4
+
+
+def test_truncated_preamble_keeps_what_it_read():
+    """A short read at EOF still hands back the bytes, so a cut preamble is 'truncated', not 'bad magic'."""
+    _, _, blob = make(*SMALL)
+    for n in range(1, S.PREAMBLE_SIZE):
+        e = rejects(blob[:n], StreamTruncated)
+        assert e.offset == n

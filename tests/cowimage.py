@@ -1,8 +1,8 @@
 """Write a synthetic classic-snapshot exception store, laid out as the kernel does.
 
-For unit tests and the benchmark: the same bytes dm-snap-persistent.c would
-leave on the COW device after the given origin chunks were first written, in
-that order.  The kernel hands out data chunks from 2 up, skipping each
+For tests and benchmarks only (it ships in no package): the same bytes
+dm-snap-persistent.c would leave on the COW device after the given origin
+chunks were first written, in that order.  The kernel hands out data chunks from 2 up, skipping each
 metadata area, and commits records to area after area; the area after the
 last full one is zeroed, which is what ends the table.
 """
