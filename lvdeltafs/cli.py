@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 
 import click
 
 from lvdeltafs import __version__
-from lvdeltafs.clisupport import run_group, setup_logging
+from lvdeltafs.clisupport import (
+    VERBOSE_HELP,
+    SafeName,
+    check_input,
+    check_output_dir,
+    check_output_file,
+    printable,
+    run_group,
+    setup_logging,
+)
+from lvdeltafs.errors import BadInput
 
+NAME = SafeName()
+SIDE_KINDS = (stat.S_IFREG, stat.S_IFBLK)
 SOURCE_CHOICE = click.Choice(["auto", "cow", "compare"])
 PAIR_HELP = ("BASE and TARGET are two snapshots of one LVM volume (vg/lv, classic or thin), "
              "a COW store (device or image file) and the target's image, or any two images.")
@@ -16,7 +30,7 @@ PAIR_HELP = ("BASE and TARGET are two snapshots of one LVM volume (vg/lv, classi
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lvdeltafs")
-@click.option("-v", "--verbose", count=True, help="More detail on stderr (repeat for debug).")
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def cli(verbose: int, quiet: bool) -> None:
     """Show the changes between two LVM snapshots (or two images) as ordinary files."""
@@ -25,13 +39,40 @@ def cli(verbose: int, quiet: bool) -> None:
 
 def _open(base: str, target: str, source: str):
     from lvdeltafs.pairs import open_delta
+    base, target = check_pair(base, target, source)
     return open_delta(base, target, source=None if source == "auto" else source)
+
+
+def check_pair(base: str, target: str, source: str = "auto", option: str = "") -> tuple[str, str]:
+    """BASE and TARGET checked before anything reads them; file sides come back absolute.
+
+    Two ``vg/lv`` names, or two regular files or block devices (a FIFO would
+    block the first read forever; /dev/zero would never end).
+    """
+    from lvdeltafs import lvm
+    from lvdeltafs.pairs import looks_like_lv
+    is_lv = [looks_like_lv(x) for x in (base, target)]
+    if any(is_lv) and not all(is_lv):
+        raise BadInput(f"{option}{printable(base)} and {printable(target)}: name two LVM volumes (vg/lv) "
+                       "or two files, not one of each")
+    if all(is_lv):
+        if source != "auto":
+            raise BadInput(f"--source {source} is for file arguments; {printable(base)} and "
+                           f"{printable(target)} are read from LVM")
+        for name in (base, target):
+            vg, lv = name.split("/")
+            lvm.check_name(vg, "volume group")
+            lvm.check_name(lv, "logical volume")
+        return base, target
+    for what, name in ((f"{option}base", base), (f"{option}target", target)):
+        check_input(name, what, SIDE_KINDS, missing="no such file, device or vg/lv volume")
+    return os.path.abspath(base), os.path.abspath(target)
 
 
 @cli.command(help="Print the changed ranges from BASE to TARGET, one per line: OFFSET LENGTH data|zero "
              "(decimal bytes, ascending). " + PAIR_HELP)
-@click.argument("base")
-@click.argument("target")
+@click.argument("base", type=NAME)
+@click.argument("target", type=NAME)
 @click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
               help="How to read file arguments: a COW store, or a block compare.")
 def ranges(base: str, target: str, source: str) -> None:
@@ -45,31 +86,35 @@ def ranges(base: str, target: str, source: str) -> None:
 
 @cli.command(help="Write the delta files (ranges, data, chunks, manifest.json, delta) into DIRECTORY. "
              + PAIR_HELP)
-@click.argument("base")
-@click.argument("target")
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("base", type=NAME)
+@click.argument("target", type=NAME)
+@click.argument("directory", type=NAME)
 @click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
               help="How to read file arguments: a COW store, or a block compare.")
 def export(base: str, target: str, directory: str, source: str) -> None:
+    from lvdeltafs.formats.files import NAMES
     from lvdeltafs.formats.files import export as export_files
+    # Checked before the delta is computed: a compare of two large images takes a while.
+    check_output_dir(directory, "directory", replaces=NAMES)
     delta = _open(base, target, source)
     try:
         export_files(delta, directory)
     finally:
         delta.close()
     ext = delta.extents
-    click.echo(f"{directory}: {ext.data_count} data ranges ({ext.data_bytes} bytes), "
+    click.echo(f"{printable(directory)}: {ext.data_count} data ranges ({ext.data_bytes} bytes), "
                f"{ext.zero_count} zero ranges ({ext.zero_bytes} bytes), delta {delta.identity.delta_id}",
                err=True)
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=NAME)
 def verify(path: str) -> None:
     """Check a delta stream file or a delta directory; exit 3 if it is damaged."""
     from lvdeltafs.formats.files import verify_path
+    check_input(path, "delta", (stat.S_IFREG, stat.S_IFDIR), missing="does not exist")
     s = verify_path(path)
-    click.echo(f"{path}: OK: delta {s['delta_id']}, target size {s['target_size']}, "
+    click.echo(f"{printable(path)}: OK: delta {s['delta_id']}, target size {s['target_size']}, "
                f"{s['data_bytes']} bytes of data, {s['zero_bytes']} bytes of zeros, "
                f"{s['stream_bytes']} stream bytes")
 
@@ -93,16 +138,18 @@ foreground.  Unmount with `lvdeltafs umount MOUNTPOINT`.
 
 
 @cli.command(help=MOUNT_HELP)
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option("--vg", "vgs", multiple=True, metavar="VG", help="Show this volume group (repeatable).")
-@click.option("--pair", "pairs", nargs=2, multiple=True, metavar="BASE TARGET",
+@click.argument("mountpoint", type=NAME)
+@click.option("--vg", "vgs", type=NAME, multiple=True, metavar="VG",
+              help="Show this volume group (repeatable).")
+@click.option("--pair", "pairs", type=NAME, nargs=2, multiple=True, metavar="BASE TARGET",
               help="Also show this pair under @pairs/ (repeatable). " + PAIR_HELP)
 @click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
               help="How to read --pair file arguments: a COW store, or a block compare.")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted.")
 @click.option("--allow-other", is_flag=True,
-              help="Let other users in (needs user_allow_other in /etc/fuse.conf unless root); "
-                   "files become world-readable.")
+              help="Let other users in (needs user_allow_other in /etc/fuse.conf unless root). "
+                   "Each file then carries the owner and group of the volume or image it shows, "
+                   "and at most its read bits: nobody reads a delta of what they could not read.")
 @click.option("--cache", "cache_size", type=click.IntRange(1, 4096), default=16, show_default=True,
               help="How many opened deltas to keep.")
 @click.option("--threads", type=click.IntRange(1, 256), default=8, show_default=True,
@@ -110,30 +157,33 @@ foreground.  Unmount with `lvdeltafs umount MOUNTPOINT`.
 @click.option("--read-ahead-kb", type=click.IntRange(0, 1 << 20), default=4096, show_default=True,
               help="Read-ahead of the mount (root only; 0 leaves the kernel's 128): larger means "
                    "larger read requests and faster sequential reads.")
-@click.option("--log-file", type=click.Path(dir_okay=False),
+@click.option("--log-file", type=NAME, metavar="FILE",
               help="Where the background process logs (default: syslog).")
 @click.option("--debug-fuse", is_flag=True, hidden=True)
-@click.option("--ready-fd", type=int, hidden=True)
+@click.option("--ready-fd", type=click.IntRange(0, (1 << 31) - 1), hidden=True)
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: str, vgs: tuple[str, ...], pairs: tuple[tuple[str, str], ...],
           source: str, foreground: bool, allow_other: bool, cache_size: int, threads: int,
           read_ahead_kb: int, log_file: str | None, debug_fuse: bool, ready_fd: int | None) -> None:
-    import os
-
     from lvdeltafs import fuse, lvm, vfs
     mountpoint = os.path.abspath(mountpoint)
-    # The background process runs in /, so every path is made absolute here.
-    pairs = tuple(tuple(_abs_side(p) for p in pair) for pair in pairs)
-    log_file = os.path.abspath(log_file) if log_file else None
+    # Everything is checked here, in the foreground: the background process has no terminal
+    # to say what is wrong, and runs in /, so every path is made absolute.
+    pairs = tuple(check_pair(base, target, source, "--pair ") for base, target in pairs)
+    if log_file:
+        check_output_file(log_file, "--log-file")
+        log_file = os.path.abspath(log_file)
     for vg in vgs:
         lvm.check_name(vg, "volume group")
+    if ready_fd is not None:
+        _check_ready_fd(ready_fd)
     fuse.check_mountpoint(mountpoint)
     if not foreground and ready_fd is None:
         pid = fuse.start_background(_mount_argv(ctx, mountpoint, vgs, pairs, source, allow_other,
                                                 cache_size, threads, log_file)
                                     + ["--read-ahead-kb", str(read_ahead_kb)])
-        click.echo(f"lvdeltafs: mounted {mountpoint} (process {pid}); "
-                   f"unmount with: lvdeltafs umount {mountpoint}", err=True)
+        click.echo(f"lvdeltafs: mounted {printable(mountpoint)} (process {pid}); "
+                   f"unmount with: lvdeltafs umount {printable(mountpoint)}", err=True)
         return
     discovery = vfs.Discovery(vgs) if vgs or not pairs else None
     fs = vfs.Vfs(discovery=discovery, cache_size=cache_size, allow_other=allow_other,
@@ -143,17 +193,14 @@ def mount(ctx: click.Context, mountpoint: str, vgs: tuple[str, ...], pairs: tupl
                read_ahead_kb=read_ahead_kb, on_ready=on_ready)
 
 
-def _abs_side(name: str) -> str:
-    """A file side made absolute and checked now, not at its first lookup in the mount."""
-    import os
-
-    from lvdeltafs.errors import BadInput
-    from lvdeltafs.pairs import looks_like_lv
-    if looks_like_lv(name):
-        return name
-    if not os.path.exists(name):
-        raise BadInput(f"--pair {name}: no such file, device or vg/lv volume")
-    return os.path.abspath(name)
+def _check_ready_fd(fd: int) -> None:
+    """--ready-fd is how start_background hears the mount is up: a pipe it holds open."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        mode = 0
+    if not stat.S_ISFIFO(mode):
+        raise BadInput(f"--ready-fd {fd} is not an open pipe (it is for lvdeltafs's own use: leave it out)")
 
 
 def _mount_argv(ctx: click.Context, mountpoint: str, vgs, pairs, source: str, allow_other: bool,
@@ -170,13 +217,13 @@ def _mount_argv(ctx: click.Context, mountpoint: str, vgs, pairs, source: str, al
 
 
 @cli.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=NAME)
 @click.option("-z", "--lazy", is_flag=True, help="Detach now even if files are open (fusermount3 -u -z).")
 def umount(mountpoint: str, lazy: bool) -> None:
     """Unmount an lvdeltafs mount; also clears one left dead by a crash."""
     from lvdeltafs import fuse
     done = fuse.unmount(mountpoint, lazy)
-    click.echo(f"lvdeltafs: {done} {mountpoint}", err=True)
+    click.echo(f"lvdeltafs: {done} {printable(mountpoint)}", err=True)
 
 
 if __name__ == "__main__":

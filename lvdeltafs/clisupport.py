@@ -1,19 +1,182 @@
-"""What both command lines share: error reporting, exit codes and logging set-up."""
+"""What both command lines share: error reporting, exit codes, logging set-up and safe names."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import stat
 import sys
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
-from lvdeltafs.errors import EXIT_FAILURE, LvError
+from lvdeltafs.errors import (
+    EXIT_BUSY,
+    EXIT_CONNECTION,
+    EXIT_FAILURE,
+    EXIT_NO_SPACE,
+    BadInput,
+    LvError,
+)
+
+VERBOSE_HELP = "Debug detail on stderr, and the traceback of an internal error."
+
+# Categories escaped in every message: C0/C1 controls, format characters (bidi overrides),
+# lone surrogates (undecodable bytes of a file name) and the line/paragraph separators.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+# OSErrors whose project class is obvious; any other is exit 1.
+_OS_EXIT = {errno.ENOSPC: EXIT_NO_SPACE, errno.EDQUOT: EXIT_NO_SPACE, errno.EBUSY: EXIT_BUSY,
+            errno.ETXTBSY: EXIT_BUSY, errno.ECONNREFUSED: EXIT_CONNECTION,
+            errno.ECONNRESET: EXIT_CONNECTION, errno.ETIMEDOUT: EXIT_CONNECTION,
+            errno.EHOSTUNREACH: EXIT_CONNECTION, errno.ENETUNREACH: EXIT_CONNECTION}
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal or a log: control characters become ``\\xNN`` escapes.
+
+    A name given on the command line may hold escape sequences that would
+    redraw the terminal or forge a log line; an undecodable byte (a lone
+    surrogate) would make the write itself fail.  Idempotent: escapes are plain text.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if unicodedata.category(ch) not in _UNPRINTABLE:
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode could not decode
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
+def control_characters(text: str) -> bool:
+    """True if ``text`` holds characters a name must not: C0/C1 controls, DEL, line separators."""
+    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text)
+
+
+class SafeName(click.ParamType):
+    """A path or name from the command line, refused if it holds control characters.
+
+    Every later message names the argument, so it is refused before anything
+    else looks at it; the message shows it escaped, never raw.
+    """
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
+        if control_characters(text):
+            self.fail(f"{printable(text)} holds control characters: rename it", param, ctx)
+        if not text:
+            self.fail("an empty name", param, ctx)
+        return text
+
+
+KINDS = {stat.S_IFREG: "a regular file", stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory",
+         stat.S_IFCHR: "a character device", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+         stat.S_IFLNK: "a symbolic link"}
+
+
+def check_input(path: str, what: str, allowed: tuple[int, ...],
+                missing: str = "no such file or directory") -> os.stat_result:
+    """Stat ``path``, refuse it unless of an ``allowed`` kind (``stat.S_IFREG``...), then try to open it.
+
+    Stat comes first: opening a FIFO for reading waits for a writer forever, and
+    a character device such as /dev/zero never ends.  The trial open (which
+    cannot block: O_NONBLOCK) turns "permission denied" into a message now
+    rather than a failure halfway through the work.
+    """
+    shown = printable(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadInput(f"{what} {shown}: {missing}") from None
+    except OSError as e:
+        raise BadInput(f"{what} {shown}: {e.strerror}") from None
+    kind = stat.S_IFMT(st.st_mode)
+    if kind not in allowed:
+        raise BadInput(f"{what} {shown} is {KINDS.get(kind, 'of an unknown kind')}; it must be "
+                       + " or ".join(KINDS[k] for k in allowed))
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECTORY if kind == stat.S_IFDIR else 0)
+    try:
+        os.close(os.open(path, flags))
+    except OSError as e:
+        raise BadInput(f"cannot read {what} {shown}: {e.strerror}") from None
+    return st
+
+
+def check_output_dir(path: str, what: str, replaces: tuple[str, ...] = ()) -> None:
+    """Refuse a directory to write into unless it exists, or can be made in an existing parent.
+
+    ``replaces`` are the names of files that will be renamed into it over what
+    is there, so none of them may be a directory.
+    """
+    shown = printable(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _check_parent(path, what)
+        return
+    except OSError as e:
+        raise BadInput(f"{what} {shown}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadInput(f"{what} {shown} is {KINDS.get(stat.S_IFMT(st.st_mode), 'not a directory')}, "
+                       "not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write into {what} {shown}: permission denied")
+    for name in replaces:
+        if os.path.isdir(os.path.join(path, name)):
+            raise BadInput(f"{shown}/{name} is a directory: move it away, a file of that name is written "
+                           "there")
+
+
+def check_output_file(path: str, what: str) -> None:
+    """Refuse a file to append to unless it is a regular file (or can be created in an existing folder).
+
+    A FIFO would block the first write until someone reads it; a directory cannot be opened.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        _check_parent(path, what)
+        return
+    except OSError as e:
+        raise BadInput(f"{what} {printable(path)}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInput(f"{what} {printable(path)} is {KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}; "
+                       "it must be a regular file")
+    if not os.access(path, os.W_OK):
+        raise BadInput(f"cannot write to {what} {printable(path)}: permission denied")
+
+
+def _check_parent(path: str, what: str) -> None:
+    # One level is created, not a tree: a typo must not leave new folders all over as root.
+    parent = os.path.dirname(os.path.abspath(path))
+    head = f"cannot create {what} {printable(path)}: its parent {printable(parent)}"
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        raise BadInput(f"{head} does not exist: create it first") from None
+    except OSError as e:
+        raise BadInput(f"{head} cannot be used: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadInput(f"{head} is {KINDS.get(stat.S_IFMT(st.st_mode), 'not a directory')}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{head} is not writable")
 
 
 def setup_logging(prog: str, verbose: int, quiet: bool) -> None:
-    """Plain lines on stderr: journald and cron mail keep them as they are."""
+    """Plain lines on stderr: journald and cron mail keep them as they are.  One -v is debug."""
     level = logging.WARNING if quiet else logging.INFO if verbose == 0 else logging.DEBUG
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=level, stream=sys.stderr,
@@ -21,27 +184,75 @@ def setup_logging(prog: str, verbose: int, quiet: bool) -> None:
                         datefmt="%Y-%m-%d %H:%M:%S")
 
 
-def run_group(group: click.Group, prog: str) -> Callable[[], None]:
-    """Wrap a click group: project errors become one clear line and their exit code."""
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the file(s) an OSError is about, and what went wrong."""
+    what = exc.strerror or str(exc)
+    names = [os.fsdecode(n) for n in (exc.filename, exc.filename2) if n is not None]
+    if len(names) == 2:
+        return printable(f"{names[0]} -> {names[1]}: {what}")
+    if names:
+        return printable(f"{names[0]}: {what}")
+    return printable(what)
 
-    def main() -> None:
+
+def _error(prog: str, message: str, code: int) -> None:
+    with contextlib.suppress(OSError):  # stderr itself gone: the exit code is all that is left
+        click.echo(f"{prog}: error: {printable(message)}", err=True)
+    sys.exit(code)
+
+
+# click >= 8.2: the group's own help, shown when no command is given; its lines are ours.
+_HELP_AS_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _show_click_error(exc: click.ClickException) -> None:
+    # click quotes the offending argument (an unknown command, a bad value) into its message.
+    if not isinstance(exc, _HELP_AS_ERROR):
+        exc.message = printable(exc.message)
+    exc.show()
+
+
+def _quiet_stdout() -> None:
+    # The reader of our stdout went away (`| head`): stop writing to it, and keep Python's
+    # flush at exit from printing "Exception ignored ... BrokenPipeError".
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def run_group(group: click.Group, prog: str) -> Callable[..., None]:
+    """Wrap a click group: project errors become one clear line and their exit code.
+
+    The last two handlers are a last line of defence, not the way errors are
+    reported: an OSError becomes one line naming its file, anything else
+    "internal error" (its traceback only with -v).  Neither ever shows a traceback.
+    """
+    log = logging.getLogger(prog)
+
+    def main(args: Sequence[str] | None = None) -> None:
         try:
-            group.main(prog_name=prog, standalone_mode=False)
-        except click.exceptions.Abort:
-            click.echo(f"{prog}: interrupted", err=True)
+            # Not standalone: click would turn our errors into tracebacks or exit 1.
+            group.main(args=args, prog_name=prog, standalone_mode=False)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            with contextlib.suppress(OSError):
+                click.echo(f"{prog}: interrupted", err=True)
             sys.exit(130)
         except click.ClickException as exc:
-            exc.show()
+            _show_click_error(exc)
             sys.exit(exc.exit_code)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except LvError as exc:
-            click.echo(f"{prog}: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo(f"{prog}: interrupted", err=True)
-            sys.exit(130)
+            _error(prog, str(exc), exc.exit_code)
         except BrokenPipeError:
+            _quiet_stdout()
             sys.exit(EXIT_FAILURE)
+        except OSError as exc:
+            log.debug("the error came from here:", exc_info=True)
+            _error(prog, describe_os_error(exc), _OS_EXIT.get(exc.errno or 0, EXIT_FAILURE))
+        except Exception as exc:  # noqa: BLE001 - the last line of defence; see the docstring
+            log.debug("the internal error came from here:", exc_info=True)
+            _error(prog, f"internal error: {type(exc).__name__}: {exc} (this is a bug: rerun with -v "
+                   "to see where it happened, and report it)", EXIT_FAILURE)
 
     return main

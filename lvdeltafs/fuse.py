@@ -30,7 +30,7 @@ import pyfuse3
 import trio
 
 from lvdeltafs.command import run
-from lvdeltafs.errors import BadInput, Busy, LvError
+from lvdeltafs.errors import BadInput, Busy, CommandFailed, LvError
 from lvdeltafs.vfs import Attr, Vfs, VfsError, errno_of, stat_mode
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,10 @@ def _handler(fn: Callable) -> Callable:
             err = errno_of(e)
             what = f"{fn.__name__}{tuple(a for a in args if isinstance(a, int | bytes))!r}"
             if isinstance(e, VfsError | LvError | OSError | ValueError):
-                # A lookup of a name that does not exist is ordinary, not news.
-                log.log(logging.DEBUG if err == errno.ENOENT else logging.WARNING,
+                # A lookup of a name that does not exist is ordinary, not news; a quiet
+                # error was already said once (a changed image fails every read after it).
+                quiet = err == errno.ENOENT or getattr(e, "quiet", False)
+                log.log(logging.DEBUG if quiet else logging.WARNING,
                         "%s: %s (%s)", what, e, errno.errorcode.get(err, err))
             else:
                 log.exception("%s: unexpected error, answered %s", what, errno.errorcode.get(err, err))
@@ -101,7 +103,7 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = e.attr_timeout = ENTRY_TIMEOUT
         e.st_mode = stat_mode(a)
         e.st_nlink = 2 if a.is_dir else 1
-        e.st_uid, e.st_gid = self.fs.uid, self.fs.gid
+        e.st_uid, e.st_gid = a.uid, a.gid
         e.st_rdev = 0
         e.st_size = a.size
         e.st_blksize = BLKSIZE
@@ -188,7 +190,8 @@ class Operations(pyfuse3.Operations):
 
 def mount_options(allow_other: bool, debug: bool = False) -> set[str]:
     # ro: the kernel answers every write with EROFS before it reaches us;
-    # default_permissions: the kernel checks our 0400/0500 modes.
+    # default_permissions: the kernel checks the owners and modes vfs gives (vfs.Access):
+    # with allow_other, that is what keeps a delta from those who cannot read its source.
     opts = {"fsname=lvdeltafs", "subtype=lvdeltafs", "ro", "default_permissions"}
     if allow_other:
         opts.add("allow_other")
@@ -318,8 +321,16 @@ def unmount(mountpoint: str, lazy: bool = False) -> str:
     if not dead and not os.path.ismount(mountpoint):
         raise BadInput(f"{mountpoint} is not mounted")
     argv = [FUSERMOUNT, "-u", *(["-z"] if lazy or dead else []), mountpoint]
-    run(argv, timeout=UNMOUNT_TIMEOUT,
-        hint="is a file in it still open? close it, or use --lazy to detach it now")
+    try:
+        run(argv, timeout=UNMOUNT_TIMEOUT)
+    except CommandFailed as e:
+        # fusermount3 says EBUSY only in its message (it exits 1 for everything); run()
+        # sets LC_ALL=C, so the text is strerror's English.
+        if "busy" in e.stderr.lower():
+            raise Busy(f"{mountpoint} is busy: a file in it is open or a process has its working "
+                       f"directory there (fuser -vm {mountpoint} shows which); close them, or detach it "
+                       f"now with: lvdeltafs umount --lazy {mountpoint}") from None
+        raise
     return "cleared the dead mount" if dead else "unmounted"
 
 

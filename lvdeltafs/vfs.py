@@ -32,6 +32,15 @@ while some file of the pair is open, so ``lvremove`` of an idle snapshot
 works while mounted; before reopening it, and on every lookup, the pair's
 snapshots are checked against a fresh LVM listing (by UUID): a snapshot that
 is gone gives ENOENT, an invalidated one EIO, and the rest of the tree goes on.
+
+Image files named with ``--pair`` can change in place (or be replaced); a
+delta of what they held before would then be served as theirs.  See
+:class:`Stamp` for how that is noticed and what is done about it.
+
+Who may read what (:class:`Access`): by default the mounting user alone
+(0400/0500).  With ``--allow-other`` each entry carries the owner and group
+of the volume or image it shows, and at most its read bits, so nobody reads
+through the mount what they could not read at the source.
 """
 
 from __future__ import annotations
@@ -44,8 +53,9 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lvdeltafs import lvm
 from lvdeltafs.delta import Delta, FileReader
@@ -67,11 +77,15 @@ DEFAULT_CACHE = 16
 
 
 class VfsError(Exception):
-    """An error with the errno a filesystem call should return."""
+    """An error with the errno a filesystem call should return.
 
-    def __init__(self, err: int, message: str = ""):
+    ``quiet``: already said once in the log (or ordinary), so the adapter logs it at debug level only.
+    """
+
+    def __init__(self, err: int, message: str = "", *, quiet: bool = False):
         super().__init__(message or os.strerror(err))
         self.errno = err
+        self.quiet = quiet
 
 
 def errno_of(exc: BaseException) -> int:
@@ -95,6 +109,113 @@ class Attr:
     blocks: int          # 512-byte units
     mtime_ns: int
     mode: int            # permission bits only
+    uid: int
+    gid: int
+
+
+# ---- who may read what --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Access:
+    """Owner, group and read bits (a subset of 0o444) of an entry; nothing is ever writable."""
+
+    uid: int
+    gid: int
+    read: int
+
+    @property
+    def file_mode(self) -> int:
+        return self.read
+
+    @property
+    def dir_mode(self) -> int:
+        return self.read | (self.read >> 2)  # x wherever r: a listable directory is enterable
+
+
+NOBODY_BUT_ROOT = Access(0, 0, 0)
+
+
+def shared_access(sources: Sequence[str]) -> Access:
+    """With --allow-other: the owner, group and read bits of the newest of ``sources`` (the newer
+    side of a pair: a snapshot's device node or an image), narrowed to the readers each older
+    source lets in too, since a delta also shows where the newer side differs from the older.
+
+    A source that cannot be looked at (an inactive LV, a removed image) leaves the entry to root.
+    """
+    try:
+        stats = [os.stat(p) for p in sources]
+    except (OSError, ValueError):
+        return NOBODY_BUT_ROOT
+    if not stats:
+        return NOBODY_BUT_ROOT
+    newer = stats[-1]
+    read = newer.st_mode & 0o444
+    for older in stats[:-1]:
+        read &= _readers(older, newer.st_uid, newer.st_gid)
+    return Access(newer.st_uid, newer.st_gid, read)
+
+
+def _readers(st: os.stat_result, uid: int, gid: int) -> int:
+    """Which classes of a file owned by uid:gid (0o400 owner, 0o040 group, 0o004 others) ``st`` lets read.
+
+    Conservative: the owner counts only as the owner, never as a member of some group.
+    """
+    if st.st_mode & 0o004:
+        return 0o444
+    return ((0o400 if st.st_uid == uid and st.st_mode & 0o400 else 0)
+            | (0o040 if st.st_gid == gid and st.st_mode & 0o040 else 0))
+
+
+# ---- images that change under the mount -----------------------------------------
+
+class Stamp(NamedTuple):
+    """What stat says of one side of an explicit pair, taken before its delta is computed.
+
+    A write in place moves the size, mtime or ctime; a replacement (rename over
+    it, delete and recreate) the inode.  Any difference means the delta no longer
+    describes the file.  What is done then (chosen over failing everything with EIO,
+    and over serving the old ranges):
+
+    - lookups, stats, listings and opens compute the delta again, so ``ls`` and
+      a new ``cat`` show the new state;
+    - a file opened before the change fails its reads with EIO: its size and
+      content would change under the reader, and a copy mixing two states must
+      not look like success.  One warning line in the log says which image changed;
+    - an open whose attributes (size) the kernel got from the old delta is
+      answered ESTALE, on which the kernel looks the name up again and retries
+      the open once, so the reader sees the new size, not the old one;
+    - an image that changes while its delta is computed gives EIO (remembered
+      for FAILURE_TTL), rather than computing again and again while it is written.
+
+    Limits: a block device written in place keeps its stat (only its replacement
+    shows), and a write in the same clock tick as the stat before it may keep
+    mtime and ctime (coarse timestamps); pair snapshots or copies, not live images.
+    """
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+
+
+def stamp_of(path: str) -> Stamp | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None  # gone: differs from any stamp taken while it was there
+    return Stamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_rdev)
+
+
+def stamps_of(spec: PairSpec) -> tuple[Stamp | None, ...]:
+    return tuple(stamp_of(p) for p in spec.sources) if spec.watch else ()
+
+
+def changed_side(spec: PairSpec, before: tuple[Stamp | None, ...],
+                 now: tuple[Stamp | None, ...]) -> str | None:
+    """The first source whose stamp moved, or None."""
+    return next((p for p, a, b in zip(spec.sources, before, now, strict=False) if a != b), None)
 
 
 # ---- LVM discovery ----------------------------------------------------------
@@ -191,6 +312,8 @@ class PairSpec:
     opener: Callable[[], Delta]
     live: bool = False          # the target is the live origin: the delta goes stale
     mtime_ns: int = 0           # when the newer side was taken
+    sources: tuple[str, ...] = ()  # base, target: device nodes or images, for ownership and stamps
+    watch: bool = False         # image files of --pair: may change in place (see Stamp)
 
 
 @dataclass
@@ -199,9 +322,17 @@ class CacheEntry:
     delta: Delta
     files: DeltaFiles
     opened_at: float
+    stamps: tuple[Stamp | None, ...] = ()  # of spec.sources, before the delta was computed
     refs: int = 0
     evicted: bool = False
+    changed: bool = False       # a source moved since: said once in the log
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def mtime_ns(self) -> int:
+        """The newer side's mtime as the delta saw it (for images), else when it was taken."""
+        newest = self.stamps[-1] if self.stamps else None
+        return newest.mtime_ns if newest else self.spec.mtime_ns
 
 
 class DeltaCache:
@@ -238,16 +369,35 @@ class DeltaCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry.spec.live and entry.refs == 0 and self.clock() - entry.opened_at > LIVE_TTL:
-            self._evict(key)
+        stale = entry.spec.live and entry.refs == 0 and self.clock() - entry.opened_at > LIVE_TTL
+        if stale or self.changed(entry):
+            self._evict(key)  # readers of the old entry keep it until they close
             return None
         self._entries.move_to_end(key)
         return entry
 
+    def changed(self, entry: CacheEntry) -> bool:
+        """Has an image of the pair changed since its delta was computed?  Logs it once."""
+        if not entry.spec.watch:
+            return False
+        now = stamps_of(entry.spec)
+        if now == entry.stamps:
+            return False
+        with entry.lock:
+            first, entry.changed = not entry.changed, True
+        if first:
+            log.warning("%s changed since the delta from %s to %s was computed (its size, times or "
+                        "inode differ): the delta is computed again at the next lookup; files of the "
+                        "pair opened before now fail reads with EIO: close and reopen them",
+                        changed_side(entry.spec, entry.stamps, now), entry.spec.base, entry.spec.target)
+        return True
+
     def _open(self, spec: PairSpec) -> CacheEntry:
         log.info("opening delta %s..%s", spec.base, spec.target)
         try:
+            before = stamps_of(spec)
             delta = spec.opener()
+            _check_unchanged_while_opening(spec, before, delta)
         except BaseException as e:
             with self._lock:
                 self._failures[spec.key] = (self.clock(), e)
@@ -255,7 +405,7 @@ class DeltaCache:
         # Let go of the target until a file is opened: an idle mount must not keep
         # snapshots busy (lvremove refuses an open device).
         delta.target.close()
-        entry = CacheEntry(spec, delta, DeltaFiles(delta), self.clock())
+        entry = CacheEntry(spec, delta, DeltaFiles(delta), self.clock(), stamps=before)
         with self._lock:
             self._failures.pop(spec.key, None)
             self._entries[spec.key] = entry
@@ -300,6 +450,15 @@ class DeltaCache:
                 self._evict(key)
 
 
+def _check_unchanged_while_opening(spec: PairSpec, before: tuple[Stamp | None, ...], delta: Delta) -> None:
+    side = changed_side(spec, before, stamps_of(spec))
+    if side is not None:
+        delta.close()
+        raise VfsError(errno.EIO, f"{side} changed while the delta from {spec.base} to {spec.target} "
+                       "was computed: an image must not be written while it is paired (pair a copy or a "
+                       "snapshot of it)")
+
+
 def _reopen_target(delta: Delta) -> None:
     reader = delta.target
     if isinstance(reader, FileReader) and reader.fd < 0:
@@ -337,10 +496,15 @@ class Dir(Node):
         raise NotImplementedError
 
     def attr(self, fs: Vfs) -> Attr:
-        return Attr(self.ino, True, 0, 0, self.mtime_ns(fs), fs.dir_mode)
+        acc = self.access(fs)
+        return Attr(self.ino, True, 0, 0, self.mtime_ns(fs), acc.dir_mode, acc.uid, acc.gid)
 
     def mtime_ns(self, fs: Vfs) -> int:
         return fs.started_ns
+
+    def access(self, fs: Vfs) -> Access:
+        """The root, @pairs and volume groups: names anyone may list (as in /dev)."""
+        return fs.common
 
 
 class Root(Dir):
@@ -394,8 +558,11 @@ class VgDir(Dir):
 
 class LvDir(Dir):
     def __init__(self, vg: str, origin: lvm.LogicalVolume):
-        self.vg, self.name, self.uuid = vg, origin.name, origin.uuid
+        self.vg, self.name, self.uuid, self.path = vg, origin.name, origin.uuid, origin.path
         self.key = ("lv", origin.uuid)
+
+    def access(self, fs: Vfs) -> Access:
+        return fs.access((self.path,))
 
     def volume(self, fs: Vfs) -> Volume:
         vol = fs.discovery.volume(self.vg, self.name)
@@ -454,7 +621,9 @@ class SnapshotFile(Node):
 
     def attr(self, fs: Vfs) -> Attr:
         n = len(self.content)
-        return Attr(self.ino, False, n, _blocks(n), _lv_time_ns(self.snap, fs), fs.file_mode)
+        acc = fs.access((self.snap.path,))
+        return Attr(self.ino, False, n, _blocks(n), _lv_time_ns(self.snap, fs), acc.file_mode,
+                    acc.uid, acc.gid)
 
     def open(self, fs: Vfs) -> Handle:
         return Handle(_bytes_reader(self.content), size=len(self.content))
@@ -469,7 +638,10 @@ class PairDir(Dir):
         fs.validate_pair(self.spec)
 
     def mtime_ns(self, fs: Vfs) -> int:
-        return self.spec.mtime_ns or fs.started_ns
+        return fs.pair_mtime_ns(self.spec)
+
+    def access(self, fs: Vfs) -> Access:
+        return fs.access(self.spec.sources)
 
     def names(self, fs: Vfs) -> list[str]:
         return list(NAMES)
@@ -490,24 +662,45 @@ class DeltaFile(Node):
         fs.validate_pair(self.spec)
 
     def attr(self, fs: Vfs) -> Attr:
-        view = fs.entry(self.spec).files[self.name]
+        entry = fs.entry(self.spec)
+        view = entry.files[self.name]
         # `data` is sparse: only its changed bytes count, so `du` shows the delta's size.
         used = getattr(view, "changed_bytes", view.size)
-        return Attr(self.ino, False, view.size, _blocks(used), self.spec.mtime_ns or fs.started_ns,
-                    fs.file_mode)
+        acc = fs.access(self.spec.sources)
+        fs.shown(self.ino, entry)
+        return Attr(self.ino, False, view.size, _blocks(used), entry.mtime_ns or fs.started_ns,
+                    acc.file_mode, acc.uid, acc.gid)
 
     def xattrs(self, fs: Vfs) -> dict[str, bytes]:
         return identity_xattrs(fs.entry(self.spec).delta)
 
     def open(self, fs: Vfs) -> Handle:
         entry = fs.entry(self.spec)
+        fs.require_shown(self.ino, entry)
         fs.cache.acquire(entry)
         try:
             view = entry.files[self.name]
         except BaseException:
             fs.cache.release(entry)
             raise
-        return Handle(view.pread, lambda: fs.cache.release(entry), view.size)
+        pread = _checked_pread(fs.cache, entry, view.pread) if self.spec.watch else view.pread
+        return Handle(pread, lambda: fs.cache.release(entry), view.size)
+
+
+def _checked_pread(cache: DeltaCache, entry: CacheEntry,
+                   pread: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
+    """``pread`` of a file of an image pair, failing with EIO once an image changed (see Stamp).
+
+    Checked after the read, so a change during it is caught too.
+    """
+    def read(offset: int, length: int) -> bytes:
+        data = pread(offset, length)
+        if cache.changed(entry):
+            raise VfsError(errno.EIO, f"an image of {entry.spec.base}..{entry.spec.target} changed since "
+                           "this file was opened: close and reopen it", quiet=True)
+        return data
+
+    return read
 
 
 @dataclass
@@ -571,7 +764,7 @@ def lvm_pair(fs: Vfs, vg: str, vol: Volume, base: str, target: str) -> PairSpec 
 
     mtime = time.time_ns() if live else _lv_time_ns(t, fs)
     return PairSpec(("lvm", b.uuid, t.uuid), f"{vg}/{b.name}", f"{vg}/{origin if live else t.name}",
-                    opener, live=live, mtime_ns=mtime)
+                    opener, live=live, mtime_ns=mtime, sources=(b.path, t.path))
 
 
 def _lvm_delta(base: str, target: str) -> Delta:
@@ -581,7 +774,7 @@ def _lvm_delta(base: str, target: str) -> Delta:
 
 def explicit_pairs(pairs: Iterable[tuple[str, str]], source: str | None = None) -> dict[str, PairSpec]:
     """name -> spec for --pair BASE TARGET arguments (files or vg/lv snapshots)."""
-    from lvdeltafs.pairs import pair_label
+    from lvdeltafs.pairs import looks_like_lv, pair_label
     out: dict[str, PairSpec] = {}
     for i, (base, target) in enumerate(pairs):
         label = pair_label(base, target)
@@ -594,11 +787,12 @@ def explicit_pairs(pairs: Iterable[tuple[str, str]], source: str | None = None) 
             from lvdeltafs.pairs import open_delta
             return open_delta(base, target, source=source)
 
-        try:
-            mtime = os.stat(target).st_mtime_ns
-        except OSError:
-            mtime = 0
-        out[name] = PairSpec(("explicit", i), base, target, opener, mtime_ns=mtime)
+        images = not (looks_like_lv(base) and looks_like_lv(target))
+        # An LV's device node is /dev/VG/LV: what --allow-other takes its owner and mode from.
+        sources = (base, target) if images else (f"/dev/{base}", f"/dev/{target}")
+        stamp = stamp_of(sources[-1])
+        out[name] = PairSpec(("explicit", i), base, target, opener, mtime_ns=stamp.mtime_ns if stamp else 0,
+                             sources=sources, watch=images)
     return out
 
 
@@ -619,9 +813,13 @@ class Vfs:
         self.explicit = dict(pairs or {})
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
-        # Private by default; --allow-other is for sharing, so others may read too.
-        self.file_mode, self.dir_mode = (0o444, 0o555) if allow_other else (0o400, 0o500)
+        # Private by default: the mounting user alone.  --allow-other is for sharing, so each
+        # entry follows what it shows (shared_access); only names are common to all.
+        self.allow_other = allow_other
+        self.private = Access(self.uid, self.gid, 0o400)
+        self.common = Access(self.uid, self.gid, 0o444) if allow_other else self.private
         self.started_ns = time.time_ns()
+        self._shown: dict[int, tuple[Stamp | None, ...]] = {}
         self.cache = DeltaCache(cache_size, check=self._check_sides)
         self._lock = threading.Lock()
         self._inos: dict[tuple, int] = {}
@@ -659,6 +857,26 @@ class Vfs:
 
     def entry(self, spec: PairSpec) -> CacheEntry:
         return self.cache.get(spec)
+
+    def access(self, sources: Sequence[str]) -> Access:
+        return shared_access(sources) if self.allow_other else self.private
+
+    def pair_mtime_ns(self, spec: PairSpec) -> int:
+        newest = stamp_of(spec.sources[-1]) if spec.watch else None
+        return (newest.mtime_ns if newest else spec.mtime_ns) or self.started_ns
+
+    def shown(self, ino: int, entry: CacheEntry) -> None:
+        """The kernel now holds ``ino``'s attributes (its size) from ``entry``'s delta."""
+        if entry.spec.watch:
+            with self._lock:
+                self._shown[ino] = entry.stamps
+
+    def require_shown(self, ino: int, entry: CacheEntry) -> None:
+        """ESTALE for an open whose size the kernel took from a delta computed before: it then
+        looks the name up again (getting the new size) and retries the open once."""
+        if entry.spec.watch and self._shown.get(ino) != entry.stamps:
+            raise VfsError(errno.ESTALE, f"{entry.spec.base}..{entry.spec.target} was computed again since "
+                           "this file was looked up: look it up again", quiet=True)
 
     def validate_pair(self, spec: PairSpec) -> None:
         """A pair of LVM snapshots whose sides are gone or invalid is ENOENT or EIO."""

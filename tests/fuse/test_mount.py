@@ -7,9 +7,11 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,7 +50,7 @@ def make_pair(tmp: Path, seed: int = 1) -> tuple[Path, Path]:
 
 
 def make_cow_pair(tmp: Path) -> tuple[Path, Path]:
-    from lvdeltafs.sources.cowimage import write_cow_image
+    from tests.cowimage import write_cow_image
     chunk = 64 * 1024
     old = [3, 4, 5, 100, 7, 300, SIZE // chunk - 1]
     cow, target = tmp / "cow.img", tmp / "cowtarget.img"
@@ -93,7 +95,8 @@ def check_pair_dir(pair: Path, base: Path, target: Path, tmp: Path) -> None:
         # sha256sum chunks against the manifest
         manifest = json.loads((pair / "manifest.json").read_text())
         assert run("sha256sum", pair / "chunks").stdout.split()[0] == manifest["chunks_sha256"]
-        assert manifest["delta_id"] == delta.identity.delta_id
+        if delta.identity.source == "compare":  # named by content; a COW pair's names are fresh each run
+            assert manifest["delta_id"] == delta.identity.delta_id
         # cp the directory, then verify the copy and the stream file alone
         copy = tmp / "copy"
         run("cp", "-r", pair, copy)
@@ -106,9 +109,10 @@ def check_pair_dir(pair: Path, base: Path, target: Path, tmp: Path) -> None:
         assert int(run("du", "-B1", "--apparent-size", pair / "data").stdout.split()[0]) == files["data"].size
         # getfattr -d: the identity
         attrs = run("getfattr", "-d", pair / "data").stdout
-        ident = delta.identity
-        for key, value in [("delta_id", ident.delta_id), ("base", ident.base), ("target", ident.target),
-                           ("source", ident.source), ("volume", ident.volume)]:
+        ident = manifest["identity"]
+        for key, value in [("delta_id", manifest["delta_id"]), ("base", ident["base"]),
+                           ("target", ident["target"]), ("source", ident["source"]),
+                           ("volume", ident["volume"])]:
             assert f'user.lvdeltafs.{key}="{value}"' in attrs
         assert "user.lvdeltafs.delta_id=" in run("getfattr", "-d", pair).stdout
         # tar it up and unpack it: still a valid delta
@@ -179,16 +183,101 @@ def test_reads_past_the_end_and_writes_refused(fuse_mount, tmp_path, mnt):
     assert (pair / "data").stat().st_size == SIZE
 
 
-def test_private_to_the_mounting_user(fuse_mount, tmp_path, mnt):
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@pytest.fixture
+def public_mnt(tmp_path) -> Path:
+    """A mount point every user can reach: pytest's own folders are root's alone (0700), so a
+    refusal there would come from them, not from the mount's modes."""
+    top = Path(tempfile.mkdtemp(prefix="lvdeltafs-test-"))
+    top.chmod(0o755)
+    (top / "mnt").mkdir()
+    yield top / "mnt"
+    if os.path.ismount(top / "mnt"):
+        subprocess.run(["fusermount3", "-u", "-z", str(top / "mnt")], capture_output=True)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def as_nobody(*argv: str | Path) -> subprocess.CompletedProcess:
+    return run(*NOBODY, *argv, check=False)
+
+
+def test_private_to_the_mounting_user(fuse_mount, tmp_path, public_mnt):
     base, target = make_pair(tmp_path)
-    tmp_path.chmod(0o755)
-    pair = mount_pair(fuse_mount, mnt, base, target)
+    pair = mount_pair(fuse_mount, public_mnt, base, target)
     st = (pair / "data").stat()
     assert (st.st_mode & 0o7777, st.st_uid) == (0o400, os.getuid())
     assert pair.stat().st_mode & 0o7777 == 0o500
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    proc = run(*nobody, "cat", pair / "ranges", check=False)
+    assert as_nobody("stat", public_mnt.parent).returncode == 0  # the way to the mount is open
+    proc = as_nobody("cat", pair / "ranges")  # but without --allow-other FUSE lets in no one else
     assert proc.returncode != 0 and "Permission denied" in proc.stderr
+
+
+def test_allow_other_follows_each_images_owner_and_mode(fuse_mount, tmp_path, public_mnt):
+    base, target = make_pair(tmp_path)
+    pairs = {}
+    for name, mode, gid in [("private", 0o600, 0), ("public", 0o644, 0), ("group", 0o640, 65534)]:
+        b, t = tmp_path / f"{name}-base.img", tmp_path / f"{name}.img"
+        shutil.copy(base, b)
+        shutil.copy(target, t)
+        for p in (b, t):
+            os.chown(p, 0, gid)
+            p.chmod(mode)
+        pairs[name] = (b, t)
+    argv = [LVDELTAFS, "mount", "-f", "--allow-other"]
+    for b, t in pairs.values():
+        argv += ["--pair", str(b), str(t)]
+    fuse_mount([*argv, str(public_mnt)], public_mnt)
+    at = {name: public_mnt / "@pairs" / f"{b.name}..{t.name}" for name, (b, t) in pairs.items()}
+    assert as_nobody("ls", public_mnt / "@pairs").stdout.split() == sorted(p.name for p in at.values())
+    # A 0600 root image: its files are root's, 0400, and nobody gets EACCES.
+    st = (at["private"] / "ranges").stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o400, 0, 0)
+    assert at["private"].stat().st_mode & 0o7777 == 0o500
+    for name in ("ranges", "data", "delta"):
+        proc = as_nobody("cat", at["private"] / name)
+        assert proc.returncode != 0 and "Permission denied" in proc.stderr, proc
+    assert (at["private"] / "ranges").read_text()  # root still reads it
+    # 0644: everyone reads it; 0640 root:nogroup: nogroup reads it.
+    assert (at["public"] / "ranges").stat().st_mode & 0o7777 == 0o444
+    assert as_nobody("cat", at["public"] / "ranges").stdout == (at["public"] / "ranges").read_text()
+    st = (at["group"] / "data").stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o440, 0, 65534)
+    assert as_nobody("sha256sum", at["group"] / "chunks").returncode == 0
+    proc = run("setpriv", "--reuid=nobody", "--regid=0", "--clear-groups", "cat", at["group"] / "data",
+               check=False)  # same user, another group
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr
+
+
+def test_image_changed_under_the_mount(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    proc = fuse_mount([LVDELTAFS, "mount", "-f", "--pair", str(base), str(target), str(mnt)], mnt)
+    pair = mnt / "@pairs" / "base.img..target.img"
+    before = (pair / "ranges").read_text()
+    fd = os.open(pair / "data", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100, 0) == target.read_bytes()[:100]
+        with open(target, "r+b") as f:  # changed in place, in a part that was the same
+            f.seek(40 * MiB + 12345)
+            f.write(b"changed" * 1000)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, 10 * MiB)  # not a mix of the old delta and the new image
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    # At once, within the kernel's attribute timeout: the new delta, at its new size.
+    after = (pair / "ranges").read_text()
+    fresh = open_delta(str(base), str(target))
+    fresh.close()
+    assert after != before and after == format_ranges(fresh.extents)
+    assert f"{40 * MiB} " in after
+    manifest = json.loads((pair / "manifest.json").read_text())
+    assert run("sha256sum", pair / "chunks").stdout.split()[0] == manifest["chunks_sha256"]
+    run("fusermount3", "-u", mnt)
+    log = proc.stdout.read().decode()
+    warned = [line for line in log.splitlines() if "WARNING" in line]
+    assert len(warned) == 1 and str(target) in warned[0] and "reopen" in warned[0], log
 
 
 def test_killed_reader_and_many_readers(fuse_mount, tmp_path, mnt):
@@ -294,6 +383,18 @@ def test_background_mount_and_umount(tmp_path, mnt):
         os.chdir("/")
         if os.path.ismount(mnt) or run("stat", mnt, check=False).returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_umount_of_a_busy_mount_is_exit_7(fuse_mount, tmp_path, mnt):
+    base, target = make_pair(tmp_path)
+    mount_pair(fuse_mount, mnt, base, target)
+    with open(mnt / "@pairs" / "base.img..target.img" / "ranges", "rb"):
+        busy = run(LVDELTAFS, "umount", mnt, check=False)
+        assert busy.returncode == 7, busy.stderr
+        assert "busy" in busy.stderr and f"lvdeltafs umount --lazy {mnt}" in busy.stderr
+        assert len(busy.stderr.strip().splitlines()) == 1 and os.path.ismount(mnt)
+    run(LVDELTAFS, "umount", mnt)
+    assert not os.path.ismount(mnt)
 
 
 def test_mount_errors_are_clear(tmp_path, mnt):

@@ -323,10 +323,151 @@ def test_only_named_vgs_show(lvm):
     assert enoent(fs.lookup, vfs.ROOT_INO, "vg0") == errno.ENOENT
 
 
-def test_allow_other_opens_the_modes():
-    fs = vfs.Vfs(allow_other=True)
-    assert fs.getattr(vfs.ROOT_INO).mode == 0o555
-    assert fs.file_mode == 0o444
+def test_private_by_default_to_the_mounting_user(lvm):
+    fs = make_fs(lvm, uid=1234, gid=5678)
+    for path in ["", "vg0", "vg0/lv", "vg0/lv/snapshots", "vg0/lv/s9..s10"]:
+        attr = walk(fs, path)
+        assert (attr.mode, attr.uid, attr.gid) == (0o500, 1234, 5678), path
+    for path in ["vg0/lv/snapshots/s9", "vg0/lv/s9..s10/data"]:
+        attr = walk(fs, path)
+        assert (attr.mode, attr.uid, attr.gid) == (0o400, 1234, 5678), path
+
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="gives files away with chown: needs root")
+
+
+@AS_ROOT
+def test_allow_other_gives_each_entry_its_sources_owner_and_read_bits(lvm):
+    for name, (uid, gid, mode) in {"lv": (0, 6, 0o660), "s9": (0, 6, 0o640), "s10": (0, 6, 0o660),
+                                   "s11": (1000, 6, 0o600)}.items():
+        os.chown(lvm.images[f"vg0/{name}"], uid, gid)
+        os.chmod(lvm.images[f"vg0/{name}"], mode)
+    fs = make_fs(lvm, allow_other=True, uid=1234, gid=5678)
+    # Names anyone may list (as /dev/VG does); the LV's directory follows its device.
+    assert [(walk(fs, p).mode, walk(fs, p).uid) for p in ["", "vg0"]] == [(0o555, 1234)] * 2
+    assert (walk(fs, "vg0/lv").mode, walk(fs, "vg0/lv").gid) == (0o550, 6)
+    assert walk(fs, "vg0/lv/snapshots/s9").mode == 0o440
+    # A pair: the newer side's owner and group; its read bits, narrowed by the older side's.
+    pair = walk(fs, "vg0/lv/s9..s10")
+    assert (pair.mode, pair.uid, pair.gid) == (0o550, 0, 6)  # s9 lets its group read, not write: no w
+    data = walk(fs, "vg0/lv/s9..s10/data")
+    assert (data.mode, data.uid, data.gid) == (0o440, 0, 6)
+    # s11 is its owner's alone (uid 1000), and s10's owner is root: only root reads their delta.
+    assert walk(fs, "vg0/lv/s10..s11/ranges").mode & 0o444 == 0
+    assert walk(fs, "vg0/lv/s10..s11/ranges").uid == 1000
+    os.chmod(lvm.images["vg0/s10"], 0o644)  # readable by all: the older side narrows nothing
+    assert walk(fs, "vg0/lv/s10..s11/ranges").mode == 0o400
+    assert walk(fs, "vg0/lv/s10..s11").mode == 0o500
+    os.chmod(lvm.images["vg0/s11"], 0o664)
+    assert walk(fs, "vg0/lv/s10..s11/ranges").mode == 0o444
+    os.unlink(lvm.images["vg0/s9"])  # a side that cannot be looked at: root's alone
+    assert (walk(fs, "vg0/lv/snapshots/s9").mode, walk(fs, "vg0/lv/snapshots/s9").uid) == (0, 0)
+
+
+@AS_ROOT
+def test_allow_other_on_explicit_image_pairs(tmp_path):
+    base, target = tmp_path / "base.img", tmp_path / "target.img"
+    base.write_bytes(bytes(MiB))
+    target.write_bytes(b"x" * MiB)
+    os.chown(target, 0, 0)
+    for b_mode, t_mode, want in [(0o600, 0o600, 0o400), (0o644, 0o644, 0o444), (0o600, 0o644, 0o400),
+                                 (0o640, 0o604, 0o404 & 0o400), (0o444, 0o640, 0o440)]:
+        base.chmod(b_mode)
+        target.chmod(t_mode)
+        fs = vfs.Vfs(pairs=vfs.explicit_pairs([(str(base), str(target))]), allow_other=True)
+        assert walk(fs, "@pairs/base.img..target.img/ranges").mode == want, (oct(b_mode), oct(t_mode))
+        assert walk(fs, "@pairs/base.img..target.img").mode == want | want >> 2
+        assert walk(fs, "@pairs").mode == 0o555
+
+
+# ---- an image of a --pair changed in place ------------------------------------
+
+@pytest.fixture
+def image_pair(tmp_path):
+    base, target = tmp_path / "base.img", tmp_path / "target.img"
+    content = bytearray(os.urandom(SIZE))
+    base.write_bytes(content)
+    content[MiB:MiB + 5000] = os.urandom(5000)
+    target.write_bytes(content)
+    fs = vfs.Vfs(pairs=vfs.explicit_pairs([(str(base), str(target))]))
+    return fs, base, target, "@pairs/base.img..target.img"
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    # Coarse file timestamps may not tick between two writes this close; a real writer
+    # changes something stat shows (see vfs.Stamp for that limit).
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+
+
+def test_changed_image_fails_open_files_with_eio_and_is_computed_again(image_pair, caplog):
+    fs, base, target, pair = image_pair
+    before = read_all(fs, f"{pair}/ranges")
+    assert before == b"%d 65536 data\n" % MiB
+    fh = fs.open(walk(fs, f"{pair}/data").ino)
+    assert fs.read(fh, MiB, 10) == target.read_bytes()[MiB:MiB + 10]
+    write_at(target, 3 * MiB, b"new" * 1000)
+    with caplog.at_level("WARNING", logger="lvdeltafs.vfs"):
+        for _ in range(3):  # every read of the open file fails, and stays failed
+            with pytest.raises(vfs.VfsError) as e:
+                fs.read(fh, MiB, 10)
+            assert e.value.errno == errno.EIO and e.value.quiet
+        after = read_all(fs, f"{pair}/ranges")  # a new lookup computes the delta again
+    assert after == b"%d 65536 data\n%d 65536 data\n" % (MiB, 3 * MiB)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # said once, naming the image and what to do
+    assert str(target) in warnings[0] and "close and reopen" in warnings[0]
+    with pytest.raises(vfs.VfsError):
+        fs.read(fh, 0, 10)  # the old handle still refuses: its delta is not the new one
+    fs.release(fh)
+    assert read_all(fs, f"{pair}/data")[3 * MiB:3 * MiB + 3] == b"new"
+
+
+def test_changed_base_and_replaced_image_are_noticed_too(image_pair):
+    fs, base, target, pair = image_pair
+    assert read_all(fs, f"{pair}/ranges") == b"%d 65536 data\n" % MiB
+    write_at(base, 2 * MiB, b"old" * 10)
+    assert read_all(fs, f"{pair}/ranges") == b"%d 65536 data\n%d 65536 data\n" % (MiB, 2 * MiB)
+    fresh = target.with_name("fresh.img")
+    fresh.write_bytes(base.read_bytes())
+    os.replace(fresh, target)  # same size, maybe the same mtime: a new inode
+    assert read_all(fs, f"{pair}/ranges") == b""
+
+
+def test_open_with_attributes_of_the_old_delta_is_estale(image_pair):
+    fs, base, target, pair = image_pair
+    ino = walk(fs, f"{pair}/ranges").ino
+    assert walk(fs, f"{pair}/ranges").size == len(b"%d 65536 data\n" % MiB)
+    write_at(target, 3 * MiB, b"new")
+    # The kernel holds the old size: it must look the name up again before it reads.
+    with pytest.raises(vfs.VfsError) as e:
+        fs.open(ino)
+    assert e.value.errno == errno.ESTALE
+    assert fs.lookup(walk(fs, pair).ino, "ranges").size == len(b"%d 65536 data\n" % MiB) * 2
+    fs.release(fs.open(ino))
+
+
+def test_image_changing_while_its_delta_is_computed_is_eio(tmp_path):
+    base, target = tmp_path / "base.img", tmp_path / "target.img"
+    base.write_bytes(bytes(MiB))
+    target.write_bytes(bytes(MiB))
+    spec = vfs.explicit_pairs([(str(base), str(target))])["base.img..target.img"]
+    opener = spec.opener
+
+    def written_meanwhile():
+        delta = opener()
+        write_at(target, 0, b"busy")
+        return delta
+
+    pairs = {"p": replace(spec, opener=written_meanwhile)}
+    fs = vfs.Vfs(pairs=pairs)
+    pair = walk(fs, "@pairs/p").ino
+    with pytest.raises(vfs.VfsError) as e:
+        fs.lookup(pair, "ranges")
+    assert e.value.errno == errno.EIO and str(target) in str(e.value)
 
 
 def test_split_pair_name():
