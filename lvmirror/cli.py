@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import logging
+import stat
 import sys
 from collections.abc import Callable
 
 import click
 
 from lvdeltafs import __version__
-from lvdeltafs.clisupport import run_group, setup_logging
+from lvdeltafs.clisupport import VERBOSE_HELP, SafeName, check_input, run_group, setup_logging
 from lvdeltafs.errors import LvError, Mismatch
 from lvmirror.config import ConfigError
 
 log = logging.getLogger("lvmirror")
 
 DRY_RUN_HELP = "Say what would be sent and how much; keep no snapshot, write nothing."
+NAME = SafeName()  # refused if it holds control characters; shown escaped in every message
 CONFIG_HELP = "Configuration file (default: $LVMIRROR_CONFIG, else /etc/lvmirror/lvmirror.toml)."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lvmirror")
-@click.option("-c", "--config", "config_path", metavar="PATH", help=CONFIG_HELP)
-@click.option("-v", "--verbose", count=True, help="Debug detail on stderr (without it: what each run does).")
+@click.option("-c", "--config", "config_path", type=NAME, metavar="PATH", help=CONFIG_HELP)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool) -> None:
@@ -58,7 +60,7 @@ def _report(outcome) -> None:
 
 
 @cli.command()
-@click.argument("volume")
+@click.argument("volume", type=NAME)
 @click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
 @click.pass_context
 def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
@@ -68,7 +70,7 @@ def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
 
 
 @cli.command()
-@click.argument("volume", required=False)
+@click.argument("volume", type=NAME, required=False)
 @click.option("-a", "--all", "all_", is_flag=True, help="Every configured volume, one after another.")
 @click.option("--initial", is_flag=True, help="The same as `lvmirror init VOLUME`.")
 @click.option("--check", "check_", is_flag=True, help="The same as `lvmirror check VOLUME`.")
@@ -108,7 +110,7 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
 
 
 @cli.command()
-@click.argument("volume")
+@click.argument("volume", type=NAME)
 @click.option("--repair", is_flag=True, help="Send just the blocks that differ, from the snapshot.")
 @click.pass_context
 def check(ctx: click.Context, volume: str, repair: bool) -> None:
@@ -133,7 +135,7 @@ def check(ctx: click.Context, volume: str, repair: bool) -> None:
 
 
 @cli.command()
-@click.argument("volumes", nargs=-1)
+@click.argument("volumes", type=NAME, nargs=-1)
 @click.pass_context
 def status(ctx: click.Context, volumes: tuple[str, ...]) -> None:
     """Each volume's base snapshot, COW use, destination state and last sync."""
@@ -176,14 +178,14 @@ def _status_text(st) -> str:
 
 
 @cli.command()
-@click.argument("delta", type=click.Path(exists=True))
-@click.argument("dest")
-@click.option("--state-dir", metavar="DIR", help="Where a block device DEST keeps its state.")
+@click.argument("delta", type=NAME)
+@click.argument("dest", type=NAME)
+@click.option("--state-dir", type=NAME, metavar="DIR", help="Where a block device DEST keeps its state.")
 @click.option("--force", is_flag=True, help="Apply even if DEST does not hold the delta's base; a full "
               "check follows when the target snapshot is on this host.")
-@click.option("--ssh-key", type=click.Path(dir_okay=False), help="Private key for an ssh:// DEST "
+@click.option("--ssh-key", type=NAME, help="Private key for an ssh:// DEST "
               "(default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa).")
-@click.option("--known-hosts", type=click.Path(dir_okay=False), help="known_hosts file for an ssh:// DEST "
+@click.option("--known-hosts", type=NAME, help="known_hosts file for an ssh:// DEST "
               "(default: ~/.ssh/known_hosts); the host key must be in it.")
 def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: str | None,
           known_hosts: str | None) -> None:
@@ -192,8 +194,8 @@ def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: st
     DEST is an image file, a block device, or ssh://[user@]host[:port]/path.
     """
     from lvmirror import pipelines
-    from lvmirror.transports import SshOptions
-    ssh = SshOptions(ssh_key, known_hosts)
+    check_input(delta, "delta", (stat.S_IFREG, stat.S_IFDIR), missing="no such delta file or directory")
+    ssh = _ssh_options(ssh_key, known_hosts)
     outcome = pipelines.apply_file(delta, dest, state_dir, force=force, ssh=ssh)
     _report(outcome)
     if force:
@@ -201,11 +203,13 @@ def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: st
 
 
 @cli.command()
-@click.argument("volume", required=False)
-@click.option("--dest", metavar="DEST", help="A destination that is not in the config (as given to `apply`).")
-@click.option("--state-dir", metavar="DIR", help="With --dest: where a block device DEST keeps its state.")
-@click.option("--ssh-key", type=click.Path(dir_okay=False), help="With an ssh:// --dest: the private key.")
-@click.option("--known-hosts", type=click.Path(dir_okay=False),
+@click.argument("volume", type=NAME, required=False)
+@click.option("--dest", type=NAME, metavar="DEST",
+              help="A destination that is not in the config (as given to `apply`).")
+@click.option("--state-dir", type=NAME, metavar="DIR",
+              help="With --dest: where a block device DEST keeps its state.")
+@click.option("--ssh-key", type=NAME, help="With an ssh:// --dest: the private key.")
+@click.option("--known-hosts", type=NAME,
               help="With an ssh:// --dest: the known_hosts file.")
 @click.pass_context
 def discard(ctx: click.Context, volume: str | None, dest: str | None, state_dir: str | None,
@@ -217,20 +221,24 @@ def discard(ctx: click.Context, volume: str | None, dest: str | None, state_dir:
     The next `lvmirror sync` then resyncs it by comparing block digests.
     """
     from lvmirror import pipelines
-    from lvmirror.transports import SshOptions
     if bool(volume) == bool(dest):
         raise click.UsageError("name one VOLUME or give --dest DEST")
     if volume:
-        vol = _config(ctx).volume(volume)
-        where = vol.destination.raw if vol.destination.is_ssh else vol.destination.path
-        _locked(ctx, volume,
-                lambda v: pipelines.discard(where, v.state_dir, SshOptions(v.ssh_key, v.known_hosts)))
+        _locked(ctx, volume, pipelines.discard_volume)
     else:
         assert dest is not None
-        pipelines.discard(dest, state_dir, SshOptions(ssh_key, known_hosts))
+        pipelines.discard(dest, state_dir, _ssh_options(ssh_key, known_hosts))
     log.info("%s: what was staged and recorded is set aside; the next sync resyncs by comparing block "
-             "digests",
-             volume or dest)
+             "digests", volume or dest)
+
+
+def _ssh_options(key: str | None, known_hosts: str | None):
+    """--ssh-key and --known-hosts, each a readable regular file (a FIFO would hang the key loader)."""
+    from lvmirror.transports import SshOptions
+    for path, what in ((key, "ssh key"), (known_hosts, "known_hosts file")):
+        if path is not None:
+            check_input(path, what, (stat.S_IFREG,))
+    return SshOptions(key, known_hosts)
 
 
 main = run_group(cli, "lvmirror")

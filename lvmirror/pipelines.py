@@ -365,6 +365,12 @@ def discard(dest: str, state_dir: str | None = None, ssh: SshOptions | None = No
         client.discard()
 
 
+def discard_volume(vol: VolumeConfig) -> None:
+    """``discard`` for a configured volume's destination."""
+    with volume_receiver(vol) as client:
+        client.discard()
+
+
 def check_after_force(outcome: Outcome, dest: str, state_dir: str | None,
                       ssh: SshOptions | None = None) -> CheckResult | None:
     """After a forced apply: a full check against the target snapshot, when it is on this host."""

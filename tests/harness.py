@@ -422,3 +422,69 @@ class Mirror:
         assert device_size(str(self.image)) == device_size(base.path) == state["size"]
         assert sha256_of(base.path) == sha256_of(self.image), f"mirror differs from {base.vg_lv}"
         return base
+
+
+# ------------------------------------------------------------ a command line run in process (the fuzz suites)
+
+EXIT_CODES = set(range(10))  # lvdeltafs/errors.py, README "Exit codes"
+RAW_CONTROLS = "\x1b\x07\x7f\x9b\x00\u202e"  # never to reach a terminal raw
+
+
+class Hung(BaseException):
+    """Raised by the timer: a BaseException, so no handler of the program under test catches it."""
+
+
+@dataclass
+class CliResult:
+    code: int
+    output: str
+
+
+def run_cli(main, args: list[str], timeout: float = 20.0) -> CliResult:
+    """Run a console script's ``main(args)`` in this process, as its console script would; a hang fails."""
+    import logging
+    import signal
+
+    from click.testing import CliRunner
+
+    def alarm(signum, frame):
+        raise Hung(f"{args!r} still running after {timeout} s")
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    # color=True: the runner must not strip escape sequences the program might print raw.
+    with CliRunner().isolation(color=True) as (_, _, mixed):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            for h in root.handlers[:]:  # a handler bound to this run's stderr must not outlive it
+                if h not in handlers:
+                    root.removeHandler(h)
+        return CliResult(code, mixed.getvalue().decode("utf-8", "backslashreplace"))
+
+
+def assert_clean_exit(result: CliResult, prog: str, args: list[str], *, single_error: bool = True) -> None:
+    """No traceback, a documented exit code, nothing raw on the terminal, an error line on failure.
+
+    ``single_error``: exactly one ``PROG: error:`` line (not for runs over several volumes, which log
+    one line per failing volume, nor for ``status``, which lists problems).
+    """
+    out = result.output
+    assert "Traceback" not in out, (args, out)
+    assert "error: internal error" not in out, (args, out)  # the last line of defence is not an answer
+    assert result.code in EXIT_CODES, (args, result.code, out)
+    assert not any(c in out for c in RAW_CONTROLS), (args, out)
+    errors = [line for line in out.splitlines() if line.startswith(f"{prog}: error: ")]
+    if result.code == 2:  # click's usage error (or, with no command at all, the help)
+        assert ("Error: " in out or out.startswith("Usage:")) and not errors, (args, out)
+    elif single_error and result.code not in (0, 6):  # 6: a check's differences, listed on stdout
+        assert len(errors) == 1, (args, out)
+    elif result.code not in (0, 6):
+        assert "error" in out.lower() or "problem" in out.lower(), (args, out)
