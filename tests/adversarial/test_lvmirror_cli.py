@@ -44,8 +44,8 @@ volume = st.sampled_from(["web", "web", "nosuch", "\x1b[2J", "a\nb"])
 # Commands of the right shape with awkward values, so the runs get past click into the work.
 wellformed = st.one_of(
     st.tuples(st.sampled_from(PATHS), where).map(lambda t: ["apply", *t]),
-    st.tuples(st.sampled_from(["--force", "--state-dir", "--ssh-key", "--known-hosts"]), st.sampled_from(PATHS),
-              st.sampled_from(PATHS), where).map(lambda t: ["apply", *t]),
+    st.tuples(st.sampled_from(["--force", "--state-dir", "--ssh-key", "--known-hosts"]),
+              st.sampled_from(PATHS), st.sampled_from(PATHS), where).map(lambda t: ["apply", *t]),
     st.tuples(st.sampled_from(["init", "sync", "check", "discard"]), volume).map(list),
     st.tuples(st.sampled_from(["sync", "check"]), volume, st.sampled_from(["--repair", "-n", "--check"]))
     .map(list),
