@@ -310,15 +310,17 @@ def check_against(client: ReceiverClient, name: str, path: str, size: int, *, re
     """Compare the destination with the image or device at ``path``; with ``repair``, send what differs."""
     greeting = hello(client)
     held = greeting.holds or str(greeting.recorded.get("snapshot") or "")
+    if not held:
+        raise Refused(f"{name}: cannot check: the destination holds no copy that lvmirror recorded")
     mismatched = deltas.compare_extents(client, path, size, block_size)
     result = CheckResult(name, held, mismatched, size)
     if result.ok or not repair:
         return result, None
     # A repair is an ordinary compare delta from the destination as it is to what it should hold,
     # so the receiver's base check, staging and state apply to it as to any other.
-    ident = Identity(volume=str(greeting.recorded.get("volume") or "image"), base=greeting.token,
-                     target=held or f"image:{size}", base_size=greeting.size, target_size=size,
-                     chunk_size=block_size, source="compare")
+    ident = Identity(volume=str(greeting.recorded.get("volume") or pairs.IMAGE_VOLUME), base=greeting.token,
+                     target=held, base_size=greeting.size, target_size=size, chunk_size=block_size,
+                     source="compare")
     delta = Delta(ident, mismatched, FileReader(path, size))
     try:
         send(client, delta, f"{name}: repair")
@@ -374,6 +376,11 @@ def discard_volume(vol: VolumeConfig) -> None:
 def check_after_force(outcome: Outcome, dest: str, state_dir: str | None,
                       ssh: SshOptions | None = None) -> CheckResult | None:
     """After a forced apply: a full check against the target snapshot, when it is on this host."""
+    if outcome.target.startswith(("image:", "cow:")):
+        # An image side is no LVM snapshot: there is nothing on this host to look up.
+        log.warning("%s: forced apply done; its target is an image file, not a snapshot: compare the "
+                    "mirror with that image (cmp) to be sure", dest)
+        return None
     uuid = snapshots.uuid_of(outcome.target)
     try:
         snap = lvm.lv_by_uuid(uuid) if uuid else None
