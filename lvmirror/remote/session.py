@@ -35,7 +35,7 @@ from lvmirror.remote.wire import (
 
 RECEIVER_VERSION = "0.2.0"
 DIGEST_SIZE = 16
-MIN_BLOCK, MAX_BLOCK = 4096, 64 << 20  # digest blocks: bounded before a buffer is allocated
+MIN_BLOCK, MAX_BLOCK = 4096, 16 << 20  # digest blocks: bounded before a buffer is allocated
 
 
 class Session:

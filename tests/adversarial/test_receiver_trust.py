@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -431,15 +432,31 @@ def test_malformed_requests_get_an_error_reply_and_the_session_goes_on(tmp_path:
     assert not dest.exists()
 
 
-def test_a_huge_digest_request_is_bounded(tmp_path: Path):
-    """A count of 2^62 blocks of a small file: the reply is sized by the file, memory by one block."""
+def test_huge_requests_are_bounded_and_so_is_the_receivers_memory(tmp_path: Path):
+    """The largest digest block, a count of 2^62, a 1 MiB request line: the receiver stays small."""
     dest = tmp_path / "m.img"
     dest.write_bytes(V1)
     proc = raw_session(dest)
-    req = json.dumps({"op": "digests", "block_size": 64 << 20, "count": 1 << 62}).encode()
-    out, err = proc.communicate(req + b'\n{"op": "bye"}\n', timeout=60)
-    head = json.loads(out.split(b"\n", 1)[0])
-    assert head["ok"] and head["count"] == 1 and proc.returncode == 0, err
+    requests = [{"op": "digests", "block_size": 16 << 20, "count": 1 << 62},
+                {"op": "digests", "block_size": 1 << 30, "count": 1},
+                {"op": "receive", "delta_id": "x" * 1000, "from_offset": 1 << 62}]
+    for req in requests:
+        proc.stdin.write(json.dumps(req).encode() + b"\n")
+    proc.stdin.write(b'{"op": "hello", "pad": "' + b"x" * ((1 << 20) - 64) + b'"}\n')
+    proc.stdin.write(b'{"op": "hello"}\n')
+    proc.stdin.flush()
+    replies = []
+    while len(replies) < 5:
+        replies.append(json.loads(proc.stdout.readline()))
+        if replies[-1].get("count"):
+            proc.stdout.read(4 + 16 + 4)  # the one digest's frame and the end frame
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text()).group(1))
+    out, err = proc.communicate(b'{"op": "bye"}\n', timeout=60)
+    assert replies[0]["ok"] and replies[0]["count"] == 1
+    assert [r["ok"] for r in replies[1:]] == [False, False, True, True], replies
+    assert proc.returncode == 0, err
+    # Python itself, one 16 MiB block, a 1 MiB line: far below what the requests asked for.
+    assert peak_kib < 96 << 10, f"the receiver peaked at {peak_kib} KiB"
 
 
 def test_a_hostile_far_side_cannot_make_the_sender_hold_its_digests(tmp_path: Path):
