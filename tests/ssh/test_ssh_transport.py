@@ -7,8 +7,8 @@ there with the system's python3, shipped over the channel by lvmirror.ssh.
 from __future__ import annotations
 
 import fcntl
-import re
 import os
+import re
 import shlex
 import socket
 import subprocess
