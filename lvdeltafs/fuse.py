@@ -31,7 +31,8 @@ import trio
 
 from lvdeltafs.command import run
 from lvdeltafs.errors import BadInput, Busy, CommandFailed, LvError
-from lvdeltafs.vfs import Attr, Vfs, VfsError, errno_of, stat_mode
+from lvdeltafs.replies import Attr, VfsError, errno_of, stat_mode
+from lvdeltafs.vfs import Vfs
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class Operations(pyfuse3.Operations):
 
 def mount_options(allow_other: bool, debug: bool = False) -> set[str]:
     # ro: the kernel answers every write with EROFS before it reaches us;
-    # default_permissions: the kernel checks the owners and modes vfs gives (vfs.Access):
+    # default_permissions: the kernel checks the owners and modes vfs gives (access.Access):
     # with allow_other, that is what keeps a delta from those who cannot read its source.
     opts = {"fsname=lvdeltafs", "subtype=lvdeltafs", "ro", "default_permissions"}
     if allow_other:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lvdeltafs import vfs
+from lvdeltafs import deltacache, discovery, replies, tree, vfs
 from lvdeltafs.errors import CommandFailed, SnapshotUnusable
 from lvdeltafs.formats.files import NAMES, DeltaFiles
 from lvdeltafs.lvm import LogicalVolume
@@ -80,11 +80,11 @@ def lvm(tmp_path) -> FakeLvm:
 
 
 def make_fs(lvm: FakeLvm, **kw) -> vfs.Vfs:
-    disc = vfs.Discovery(list_lvs=lvm.list_lvs, ttl=0)
+    disc = discovery.Discovery(list_lvs=lvm.list_lvs, ttl=0)
     return vfs.Vfs(discovery=disc, lvm_opener=lvm.open, **kw)
 
 
-def walk(fs: vfs.Vfs, path: str) -> vfs.Attr:
+def walk(fs: vfs.Vfs, path: str) -> replies.Attr:
     attr = fs.getattr(vfs.ROOT_INO)
     for part in path.split("/"):
         if part:
@@ -109,7 +109,7 @@ def read_all(fs: vfs.Vfs, path: str) -> bytes:
 
 
 def enoent(fn, *args) -> int:
-    with pytest.raises(vfs.VfsError) as e:
+    with pytest.raises(replies.VfsError) as e:
         fn(*args)
     return e.value.errno
 
@@ -287,14 +287,14 @@ def test_failed_open_is_an_error_remembered_briefly(lvm, monkeypatch):
         calls.append(base)
         raise SnapshotUnusable("snapshot vg0/s9 is not active")
 
-    fs = vfs.Vfs(discovery=vfs.Discovery(list_lvs=lvm.list_lvs, ttl=0), lvm_opener=broken)
+    fs = vfs.Vfs(discovery=discovery.Discovery(list_lvs=lvm.list_lvs, ttl=0), lvm_opener=broken)
     pair = walk(fs, "vg0/lv/s9..s10").ino
     for _ in range(3):
         with pytest.raises(SnapshotUnusable) as e:
             fs.lookup(pair, "data")
-        assert vfs.errno_of(e.value) == errno.EIO
+        assert replies.errno_of(e.value) == errno.EIO
     assert len(calls) == 1
-    monkeypatch.setattr(vfs, "FAILURE_TTL", 0.0)
+    monkeypatch.setattr(deltacache, "FAILURE_TTL", 0.0)
     with pytest.raises(SnapshotUnusable):
         fs.lookup(pair, "data")
     assert len(calls) == 2
@@ -302,13 +302,13 @@ def test_failed_open_is_an_error_remembered_briefly(lvm, monkeypatch):
 
 def test_lvm_that_cannot_be_listed_leaves_explicit_pairs(lvm):
     lvm.fail_lvs = True
-    pairs = vfs.explicit_pairs([(lvm.images["vg0/s9"], lvm.images["vg0/s10"]),
-                                (lvm.images["vg0/s9"], lvm.images["vg0/s10"])])
-    fs = vfs.Vfs(discovery=vfs.Discovery(list_lvs=lvm.list_lvs, ttl=0), pairs=pairs)
+    pairs = tree.explicit_pairs([(lvm.images["vg0/s9"], lvm.images["vg0/s10"]),
+                                 (lvm.images["vg0/s9"], lvm.images["vg0/s10"])])
+    fs = vfs.Vfs(discovery=discovery.Discovery(list_lvs=lvm.list_lvs, ttl=0), pairs=pairs)
     assert names(fs, "") == ["@pairs"]
     assert names(fs, "@pairs") == ["s9.img..s10.img", "s9.img..s10.img-2"]
     assert read_all(fs, "@pairs/s9.img..s10.img/ranges") == read_all(fs, "@pairs/s9.img..s10.img-2/ranges")
-    assert vfs.errno_of(pytest.raises(CommandFailed, fs.lookup, vfs.ROOT_INO, "vg0").value) == errno.EIO
+    assert replies.errno_of(pytest.raises(CommandFailed, fs.lookup, vfs.ROOT_INO, "vg0").value) == errno.EIO
 
 
 def test_only_named_vgs_show(lvm):
@@ -316,7 +316,7 @@ def test_only_named_vgs_show(lvm):
     lvm.lvs.append(make_lv("snap", vg="vg1", origin="other", path=lvm.images["vg0/s9"]))
     fs = make_fs(lvm)
     assert names(fs, "") == ["vg0", "vg1"]
-    fs = vfs.Vfs(discovery=vfs.Discovery(["vg1", "empty"], list_lvs=lvm.list_lvs, ttl=0),
+    fs = vfs.Vfs(discovery=discovery.Discovery(["vg1", "empty"], list_lvs=lvm.list_lvs, ttl=0),
                  lvm_opener=lvm.open)
     assert names(fs, "") == ["empty", "vg1"]
     assert names(fs, "empty") == []
@@ -374,7 +374,7 @@ def test_allow_other_on_explicit_image_pairs(tmp_path):
                                  (0o640, 0o604, 0o404 & 0o400), (0o444, 0o640, 0o440)]:
         base.chmod(b_mode)
         target.chmod(t_mode)
-        fs = vfs.Vfs(pairs=vfs.explicit_pairs([(str(base), str(target))]), allow_other=True)
+        fs = vfs.Vfs(pairs=tree.explicit_pairs([(str(base), str(target))]), allow_other=True)
         assert walk(fs, "@pairs/base.img..target.img/ranges").mode == want, (oct(b_mode), oct(t_mode))
         assert walk(fs, "@pairs/base.img..target.img").mode == want | want >> 2
         assert walk(fs, "@pairs").mode == 0o555
@@ -389,7 +389,7 @@ def image_pair(tmp_path):
     base.write_bytes(content)
     content[MiB:MiB + 5000] = os.urandom(5000)
     target.write_bytes(content)
-    fs = vfs.Vfs(pairs=vfs.explicit_pairs([(str(base), str(target))]))
+    fs = vfs.Vfs(pairs=tree.explicit_pairs([(str(base), str(target))]))
     return fs, base, target, "@pairs/base.img..target.img"
 
 
@@ -398,7 +398,7 @@ def write_at(path: Path, offset: int, data: bytes) -> None:
         f.seek(offset)
         f.write(data)
     # Coarse file timestamps may not tick between two writes this close; a real writer
-    # changes something stat shows (see vfs.Stamp for that limit).
+    # changes something stat shows (see freshness.Stamp for that limit).
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
 
@@ -410,9 +410,9 @@ def test_changed_image_fails_open_files_with_eio_and_is_computed_again(image_pai
     fh = fs.open(walk(fs, f"{pair}/data").ino)
     assert fs.read(fh, MiB, 10) == target.read_bytes()[MiB:MiB + 10]
     write_at(target, 3 * MiB, b"new" * 1000)
-    with caplog.at_level("WARNING", logger="lvdeltafs.vfs"):
+    with caplog.at_level("WARNING", logger="lvdeltafs.deltacache"):
         for _ in range(3):  # every read of the open file fails, and stays failed
-            with pytest.raises(vfs.VfsError) as e:
+            with pytest.raises(replies.VfsError) as e:
                 fs.read(fh, MiB, 10)
             assert e.value.errno == errno.EIO and e.value.quiet
         after = read_all(fs, f"{pair}/ranges")  # a new lookup computes the delta again
@@ -420,7 +420,7 @@ def test_changed_image_fails_open_files_with_eio_and_is_computed_again(image_pai
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings  # said once, naming the image and what to do
     assert str(target) in warnings[0] and "close and reopen" in warnings[0]
-    with pytest.raises(vfs.VfsError):
+    with pytest.raises(replies.VfsError):
         fs.read(fh, 0, 10)  # the old handle still refuses: its delta is not the new one
     fs.release(fh)
     assert read_all(fs, f"{pair}/data")[3 * MiB:3 * MiB + 3] == b"new"
@@ -443,7 +443,7 @@ def test_open_with_attributes_of_the_old_delta_is_estale(image_pair):
     assert walk(fs, f"{pair}/ranges").size == len(b"%d 65536 data\n" % MiB)
     write_at(target, 3 * MiB, b"new")
     # The kernel holds the old size: it must look the name up again before it reads.
-    with pytest.raises(vfs.VfsError) as e:
+    with pytest.raises(replies.VfsError) as e:
         fs.open(ino)
     assert e.value.errno == errno.ESTALE
     assert fs.lookup(walk(fs, pair).ino, "ranges").size == len(b"%d 65536 data\n" % MiB) * 2
@@ -454,7 +454,7 @@ def test_image_changing_while_its_delta_is_computed_is_eio(tmp_path):
     base, target = tmp_path / "base.img", tmp_path / "target.img"
     base.write_bytes(bytes(MiB))
     target.write_bytes(bytes(MiB))
-    spec = vfs.explicit_pairs([(str(base), str(target))])["base.img..target.img"]
+    spec = tree.explicit_pairs([(str(base), str(target))])["base.img..target.img"]
     opener = spec.opener
 
     def written_meanwhile():
@@ -465,23 +465,23 @@ def test_image_changing_while_its_delta_is_computed_is_eio(tmp_path):
     pairs = {"p": replace(spec, opener=written_meanwhile)}
     fs = vfs.Vfs(pairs=pairs)
     pair = walk(fs, "@pairs/p").ino
-    with pytest.raises(vfs.VfsError) as e:
+    with pytest.raises(replies.VfsError) as e:
         fs.lookup(pair, "ranges")
     assert e.value.errno == errno.EIO and str(target) in str(e.value)
 
 
 def test_split_pair_name():
-    assert vfs.split_pair_name("a..b") == [("a", "b")]
-    assert vfs.split_pair_name("a...b") == [("a", ".b"), ("a.", "b")]
-    assert vfs.split_pair_name("a..b..c") == [("a", "b..c"), ("a..b", "c")]
-    assert vfs.split_pair_name("..") == []
-    assert vfs.split_pair_name("ab") == []
+    assert tree.split_pair_name("a..b") == [("a", "b")]
+    assert tree.split_pair_name("a...b") == [("a", ".b"), ("a.", "b")]
+    assert tree.split_pair_name("a..b..c") == [("a", "b..c"), ("a..b", "c")]
+    assert tree.split_pair_name("..") == []
+    assert tree.split_pair_name("ab") == []
 
 
 def test_errno_mapping():
-    assert vfs.errno_of(vfs.VfsError(errno.ENOENT)) == errno.ENOENT
-    assert vfs.errno_of(FileNotFoundError(errno.ENOENT, "x")) == errno.ENOENT
-    assert vfs.errno_of(OSError(errno.EIO, "short read")) == errno.EIO
-    assert vfs.errno_of(ValueError("negative offset")) == errno.EINVAL
-    assert vfs.errno_of(SnapshotUnusable("gone")) == errno.EIO
-    assert vfs.errno_of(RuntimeError("bug")) == errno.EIO
+    assert replies.errno_of(replies.VfsError(errno.ENOENT)) == errno.ENOENT
+    assert replies.errno_of(FileNotFoundError(errno.ENOENT, "x")) == errno.ENOENT
+    assert replies.errno_of(OSError(errno.EIO, "short read")) == errno.EIO
+    assert replies.errno_of(ValueError("negative offset")) == errno.EINVAL
+    assert replies.errno_of(SnapshotUnusable("gone")) == errno.EIO
+    assert replies.errno_of(RuntimeError("bug")) == errno.EIO
