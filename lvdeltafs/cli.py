@@ -92,8 +92,8 @@ def ranges(base: str, target: str, source: str) -> None:
 @click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
               help="How to read file arguments: a COW store, or a block compare.")
 def export(base: str, target: str, directory: str, source: str) -> None:
+    from lvdeltafs.formats.export import export as export_files
     from lvdeltafs.formats.files import NAMES
-    from lvdeltafs.formats.files import export as export_files
     # Checked before the delta is computed: a compare of two large images takes a while.
     check_output_dir(directory, "directory", replaces=NAMES)
     delta = _open(base, target, source)
@@ -111,7 +111,7 @@ def export(base: str, target: str, directory: str, source: str) -> None:
 @click.argument("path", type=NAME)
 def verify(path: str) -> None:
     """Check a delta stream file or a delta directory; exit 3 if it is damaged."""
-    from lvdeltafs.formats.files import verify_path
+    from lvdeltafs.formats.verify import verify_path
     check_input(path, "delta", (stat.S_IFREG, stat.S_IFDIR), missing="does not exist")
     s = verify_path(path)
     click.echo(f"{printable(path)}: OK: delta {s['delta_id']}, target size {s['target_size']}, "
@@ -166,6 +166,8 @@ def mount(ctx: click.Context, mountpoint: str, vgs: tuple[str, ...], pairs: tupl
           source: str, foreground: bool, allow_other: bool, cache_size: int, threads: int,
           read_ahead_kb: int, log_file: str | None, debug_fuse: bool, ready_fd: int | None) -> None:
     from lvdeltafs import fuse, lvm, vfs
+    from lvdeltafs.discovery import Discovery
+    from lvdeltafs.tree import explicit_pairs
     mountpoint = os.path.abspath(mountpoint)
     # Everything is checked here, in the foreground: the background process has no terminal
     # to say what is wrong, and runs in /, so every path is made absolute.
@@ -185,9 +187,9 @@ def mount(ctx: click.Context, mountpoint: str, vgs: tuple[str, ...], pairs: tupl
         click.echo(f"lvdeltafs: mounted {printable(mountpoint)} (process {pid}); "
                    f"unmount with: lvdeltafs umount {printable(mountpoint)}", err=True)
         return
-    discovery = vfs.Discovery(vgs) if vgs or not pairs else None
+    discovery = Discovery(vgs) if vgs or not pairs else None
     fs = vfs.Vfs(discovery=discovery, cache_size=cache_size, allow_other=allow_other,
-                 pairs=vfs.explicit_pairs(pairs, None if source == "auto" else source))
+                 pairs=explicit_pairs(pairs, None if source == "auto" else source))
     on_ready = (lambda: fuse.detach(ready_fd, log_file)) if ready_fd is not None else None
     fuse.serve(fs, mountpoint, allow_other=allow_other, debug=debug_fuse, read_threads=threads,
                read_ahead_kb=read_ahead_kb, on_ready=on_ready)

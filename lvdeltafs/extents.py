@@ -321,12 +321,67 @@ def _subtract(zs: np.ndarray, ze: np.ndarray, ds: np.ndarray,
     return s[keep], e[keep]
 
 
-_LINE = re.compile(r"(0|[1-9][0-9]*) ([1-9][0-9]*) (data|zero)")
+# The grammar of one `ranges` line, compiled for text (parse_ranges) and for bytes: verify reads the file
+# in blocks of bytes, and decoding a block would blame a stray byte on the block instead of its line.
+# At most 20 digits: 2**64 has 20, and int() of a huge string would be slow or refused (4300-digit limit).
+_LINE_RULE = r"(0|[1-9][0-9]{0,19}) ([1-9][0-9]{0,19}) (data|zero)"
+_LINE = re.compile(_LINE_RULE)
+_LINE_BYTES = re.compile(_LINE_RULE.encode())
+_KIND_OF_WORD = {**_KIND_BY_NAME, **{n.encode(): k for n, k in _KIND_BY_NAME.items()}}
+_MAX_END = 2**64 - 1
+_PARSE_BATCH = 65536  # lines checked per call: keeps the per-batch Python int lists small
 
 
 def format_ranges(extents: Extents) -> str:
     """The whole `ranges` text (for big lists prefer the streaming/paged access of the view)."""
     return extents.format_lines()
+
+
+class RangeLines:
+    """Checks `ranges` lines batch after batch against the format; the one home of its rules.
+
+    Carries the line number and the previous range's end from batch to
+    batch, so a file read in blocks is checked exactly as one parsed whole.
+    """
+
+    def __init__(self, size: int | None = None, *, u64: bool = True):
+        # u64: refuse ranges ending past 64 bits first (parse_ranges stores them in uint64 arrays);
+        # verify, which keeps Python ints, has always left those to its other checks and messages.
+        self.size, self.u64 = size, u64
+        self.line_no = 0
+        self.prev_end = 0
+
+    def feed(self, lines: list[str] | list[bytes]) -> tuple[list[int], list[int], list[int]]:
+        """Offsets, lengths and kinds of the next ``lines`` (all str or all bytes, no newlines).
+
+        Raises BadInput naming the first bad line; touching ranges are left to the caller to coalesce.
+        """
+        # Locals, not attributes, in the loop: it runs once per line of files with millions of them.
+        fullmatch = (_LINE_BYTES if lines and isinstance(lines[0], bytes) else _LINE).fullmatch
+        kind_of, size, u64, prev_end = _KIND_OF_WORD, self.size, self.u64, self.prev_end
+        offsets: list[int] = []
+        lengths: list[int] = []
+        kinds: list[int] = []
+        for no, line in enumerate(lines, self.line_no + 1):
+            m = fullmatch(line)  # type: ignore[arg-type]  # the pattern matches the lines' type
+            if not m:
+                raise BadInput(f"ranges line {no} is malformed: {line[:80]!r} "
+                               "(expected 'OFFSET LENGTH data|zero', decimal bytes, one space apart)")
+            off, ln = int(m[1]), int(m[2])
+            if u64 and off + ln > _MAX_END:
+                raise BadInput(f"ranges line {no}: range {off}+{ln} is beyond 64-bit offsets")
+            if off < prev_end:
+                raise BadInput(f"ranges line {no}: offset {off} is before the end of the previous range "
+                               f"({prev_end}); ranges must be ascending and must not overlap")
+            if size is not None and off + ln > size:
+                raise BadInput(f"ranges line {no}: range {off}+{ln} ends past the volume size {size}")
+            offsets.append(off)
+            lengths.append(ln)
+            kinds.append(kind_of[m[3]])
+            prev_end = off + ln
+        self.line_no += len(lines)
+        self.prev_end = prev_end
+        return offsets, lengths, kinds
 
 
 def parse_ranges(text: str | bytes, size: int | None = None) -> Extents:
@@ -342,22 +397,9 @@ def parse_ranges(text: str | bytes, size: int | None = None) -> Extents:
     offsets = np.empty(len(lines), _U64)
     lengths = np.empty(len(lines), _U64)
     kinds = np.empty(len(lines), np.uint8)
-    prev_end = 0
-    for i, line in enumerate(lines):
-        no = i + 1
-        m = _LINE.fullmatch(line)
-        if not m:
-            raise BadInput(f"ranges line {no} is malformed: {line[:80]!r} "
-                           "(expected 'OFFSET LENGTH data|zero', decimal bytes, one space apart)")
-        off, ln = int(m[1]), int(m[2])
-        if off + ln > 2**64 - 1:
-            raise BadInput(f"ranges line {no}: range {off}+{ln} is beyond 64-bit offsets")
-        if off < prev_end:
-            raise BadInput(f"ranges line {no}: offset {off} is before the end of the previous range "
-                           f"({prev_end}); ranges must be ascending and must not overlap")
-        if size is not None and off + ln > size:
-            raise BadInput(f"ranges line {no}: range {off}+{ln} ends past the volume size {size}")
-        offsets[i], lengths[i], kinds[i] = off, ln, _KIND_BY_NAME[m[3]]
-        prev_end = off + ln
+    check = RangeLines(size)
+    for i in range(0, len(lines), _PARSE_BATCH):
+        o, n, k = check.feed(lines[i:i + _PARSE_BATCH])
+        offsets[i:i + len(o)], lengths[i:i + len(o)], kinds[i:i + len(o)] = o, n, k
     # Touching ranges of one kind are legal input; coalescing restores the invariant.
     return Extents._from_sorted_disjoint(offsets, offsets + lengths, kinds)

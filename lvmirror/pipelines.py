@@ -24,6 +24,7 @@ from lvdeltafs.delta import Delta, FileReader, Identity
 from lvdeltafs.errors import BadInput, CommandFailed, LvError, Mismatch, Refused, SnapshotUnusable
 from lvdeltafs.extents import Extents, format_ranges
 from lvdeltafs.formats import files
+from lvdeltafs.formats.verify import verify_path
 from lvmirror import deltas, snapshots, spool
 from lvmirror.client import FileSource, Hello, LayoutSource, ReceiverClient, stream_header
 from lvmirror.config import ConfigError, VolumeConfig
@@ -347,7 +348,7 @@ def apply_file(delta_path: str, dest: str, state_dir: str | None = None, *, forc
                ssh: SshOptions | None = None) -> Outcome:
     """Apply a delta stream (or directory) to a destination with the receiver's checks."""
     path = stream_path(delta_path)
-    summary = files.verify_path(delta_path)  # a damaged copy is refused before the receiver is asked
+    summary = verify_path(delta_path)  # a damaged copy is refused before the receiver is asked
     source = FileSource(path)
     header = stream_header(source)
     with receiver_for(dest, state_dir, ssh) as client:

@@ -169,3 +169,8 @@ def test_from_chunks_duplicates_and_big_offsets(idx, chunk):
     e = Extents.from_chunks(np.array(idx + idx, dtype=np.uint64), chunk, size)
     assert e == Extents.from_chunks(np.array(sorted(set(idx)), dtype=np.uint64), chunk, size)
     assert e.data_bytes == len(set(idx)) * chunk
+
+
+def test_a_number_of_thousands_of_digits_is_malformed_not_a_crash():
+    with pytest.raises(BadInput, match="line 1 is malformed"):
+        parse_ranges("1" * 5000 + " 4096 data\n", 1 << 20)

@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from lvdeltafs.delta import Delta, Identity
 from lvdeltafs.errors import CorruptDelta, Refused
 from lvdeltafs.extents import DATA, ZERO, Extents
-from lvdeltafs.formats.files import NAMES, DeltaFiles, export, verify_path
+from lvdeltafs.formats.export import export
+from lvdeltafs.formats.files import NAMES, DeltaFiles
 from lvdeltafs.formats.stream import MAX_DATA, iter_records
+from lvdeltafs.formats.verify import verify_path
 
 
 class MemTarget:
@@ -286,7 +288,7 @@ class Pattern:
 
 RSS_PROBE = """
 import resource, sys
-from lvdeltafs.formats.files import verify_path
+from lvdeltafs.formats.verify import verify_path
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 verify_path(sys.argv[1])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)

@@ -13,7 +13,7 @@ import pytest
 
 from lvdeltafs.errors import EXIT_BAD_INPUT, EXIT_REFUSED, Busy, ConnectionProblem, Refused
 from lvdeltafs.extents import DATA, ZERO, Extents
-from lvdeltafs.formats.files import export
+from lvdeltafs.formats.export import export
 from lvdeltafs.pairs import IMAGE_VOLUME, image_id
 from lvdeltafs.pairs import compare_delta as image_compare_delta
 from lvmirror import deltas, pipelines
