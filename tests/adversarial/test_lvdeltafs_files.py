@@ -25,39 +25,17 @@ import pytest
 from lvdeltafs.errors import EXIT_BAD_INPUT, EXIT_REFUSED
 from lvdeltafs.formats import stream as S
 from lvdeltafs.formats.files import NAMES
+from tests.harness import PLANT_FILES, PLANT_LINKS, as_nobody
 
 BIN = Path(sys.executable).parent
 LVDELTAFS, LVMIRROR = str(BIN / "lvdeltafs"), str(BIN / "lvmirror")
 MiB = 1 << 20
-HOSTILE = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 # `shared` (a sticky world-writable folder under /tmp) and `victim` (a file of root's outside it) come
 # from this suite's conftest, which also skips the suite unless it runs as root.
 
 
 def run(*argv: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), capture_output=True, text=True, **kw)
-
-
-def as_nobody(script: str, *args: str) -> None:
-    """Run a Python snippet as nobody (the planting)."""
-    out = run(*HOSTILE, sys.executable, "-I", "-c", script, *args)
-    assert out.returncode == 0, out.stderr
-
-
-PLANT_LINKS = """
-import os, sys
-target, folder, names = sys.argv[1], sys.argv[2], sys.argv[3:]
-for name in names:
-    os.symlink(target, os.path.join(folder, name))
-"""
-
-PLANT_FILES = """
-import os, sys
-folder, names = sys.argv[1], sys.argv[2:]
-for name in names:
-    with open(os.path.join(folder, name), "w") as f:
-        f.write("nobody's " + name)
-"""
 
 
 def sha(path: Path | str) -> str:
