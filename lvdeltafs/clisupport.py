@@ -122,13 +122,9 @@ def check_output_dir(path: str, what: str, replaces: tuple[str, ...] = ()) -> No
     is there, so none of them may be a directory.
     """
     shown = printable(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        _check_parent(path, what)
+    st = _stat_output(path, what)
+    if st is None:
         return
-    except OSError as e:
-        raise BadInput(f"{what} {shown}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise BadInput(f"{what} {shown} is {KINDS.get(stat.S_IFMT(st.st_mode), 'not a directory')}, "
                        "not a directory")
@@ -145,18 +141,25 @@ def check_output_file(path: str, what: str) -> None:
 
     A FIFO would block the first write until someone reads it; a directory cannot be opened.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        _check_parent(path, what)
+    st = _stat_output(path, what)
+    if st is None:
         return
-    except OSError as e:
-        raise BadInput(f"{what} {printable(path)}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise BadInput(f"{what} {printable(path)} is {KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}; "
                        "it must be a regular file")
     if not os.access(path, os.W_OK):
         raise BadInput(f"cannot write to {what} {printable(path)}: permission denied")
+
+
+def _stat_output(path: str, what: str) -> os.stat_result | None:
+    """What is at an output path now; None (its parent checked) if nothing is there yet."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        _check_parent(path, what)
+        return None
+    except OSError as e:
+        raise BadInput(f"{what} {printable(path)}: {e.strerror}") from None
 
 
 def _check_parent(path: str, what: str) -> None:
