@@ -31,7 +31,9 @@ import stat
 import time
 from collections.abc import Callable
 
-NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted at a name must not hang the open (fstat then refuses it); it changes
+# nothing for regular files.
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 class UnsafePath(Exception):

@@ -238,7 +238,8 @@ def sync(vol: VolumeConfig, *, dry_run: bool = False) -> Outcome:
 
 
 def _check_same_volume(vol: VolumeConfig, greeting: Hello, source: lvm.LogicalVolume) -> None:
-    held = greeting.state.get("volume", "")
+    # The recorded state too: a destination changed since still names the volume it was a mirror of.
+    held = greeting.state.get("volume") or greeting.recorded.get("volume") or ""
     if held and held != source.uuid:
         raise Refused(f"{vol.name}: the destination {vol.destination} is a mirror of volume {held}, not of "
                       f"{vol.vg_lv} ({source.uuid}); point the config at the right destination")

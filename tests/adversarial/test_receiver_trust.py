@@ -95,6 +95,21 @@ def test_a_link_planted_at_the_destination_itself_is_refused(shared: Path, victi
     assert victim.read_bytes() == VICTIM
 
 
+PLANT_FIFO = """
+import os, sys
+os.mkfifo(os.path.join(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("name", ["m.img.lvmirror-state", "m.img.lvmirror-staging.progress", "m.img"])
+def test_a_fifo_planted_beside_a_destination_is_refused_not_waited_on(shared: Path, tmp_path: Path,
+                                                                       name: str):
+    as_nobody(PLANT_FIFO, str(shared), name)
+    ident, blob = delta(None, V1, "", "vol@1")
+    res = run("apply", stream_file(tmp_path, ident, blob), str(shared / "m.img"))
+    one_line_error(res, EXIT_REFUSED, "m.img")
+
+
 def test_files_planted_by_another_user_are_not_trusted(shared: Path, tmp_path: Path):
     """A forged state (a regular file of nobody's) in a sticky folder: refused, never read as ours."""
     dest = shared / "m.img"
