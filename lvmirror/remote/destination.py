@@ -21,7 +21,9 @@ path, so two spellings of one device share one lock and one state and two
 devices never share either: ``ID.json``, ``ID.staging``,
 ``ID.staging.progress``, ``ID.lock``.  The identity is the device-mapper UUID
 (every LVM volume has one), else the device's ``/dev/disk/by-id`` name, else
-its device number.
+its device number.  ``PATH.device`` (the path as given, escaped) says which
+device that path named when its mirror was last written, so a device swapped
+in at the same path is told apart from one never mirrored.
 
 The *binding* is what the state records of the destination it describes
 (an image's device, inode, size and modification time; a device's identity
@@ -86,6 +88,11 @@ def block_identity(rdev: int, real: str) -> str:
     return f"devno:{major}:{minor}"
 
 
+def state_name_of(device: str) -> str:
+    """The state file of a block device, by its identity."""
+    return f"{_file_stem(device)}.json"
+
+
 def _file_stem(identity: str) -> str:
     """An identity as a file name; injective ('_' is always escaped), so two devices never share one."""
     return "".join(c if c.isalnum() or c in ".-" else f"_{ord(c):02x}" for c in identity)
@@ -112,7 +119,10 @@ class Destination:
                 self.folder = Folder(state_dir or DEFAULT_STATE_DIR, create=True)
                 stem = _file_stem(self.device)
                 self.name = ""
-                self.state_name, self.staging_name = f"{stem}.json", f"{stem}.staging"
+                # Which device this path named when it was last written: a device swapped in at the
+                # same path is then told apart from one never mirrored.
+                self.alias_name = f"{_file_stem(os.path.normpath(path))}.device"
+                self.state_name, self.staging_name = state_name_of(self.device), f"{stem}.staging"
                 self.lock_name = f"{stem}.lock"
             else:
                 folder, self.name = os.path.split(self.path)
@@ -120,7 +130,7 @@ class Destination:
                     raise RefusedError(f"the destination's folder {folder} does not exist: create it (mode "
                                        "0700 or 0755, owned by the user lvmirror runs as), then run again")
                 self.folder = Folder(folder)
-                self.device = ""
+                self.device = self.alias_name = ""
                 self.state_name = f"{self.name}.lvmirror-state"
                 self.staging_name = f"{self.name}.lvmirror-staging"
                 self.lock_name = f"{self.name}.lvmirror-lock"

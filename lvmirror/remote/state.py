@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from lvdeltafs.fsio import UnsafePath
-from lvmirror.remote.destination import Destination
+from lvmirror.remote.destination import Destination, state_name_of
 from lvmirror.remote.wire import (
     ProtocolError,
     RefusedError,
@@ -82,17 +82,42 @@ class Files:
     # -- the state
 
     def state(self) -> dict[str, Any] | None:
-        doc = self._read(self.dest.state_name)
+        doc = self._checked_state(self.dest.state_name)
+        if doc is None and self.dest.is_block:
+            return self._state_of_the_device_before()
+        return doc
+
+    def _checked_state(self, name: str) -> dict[str, Any] | None:
+        doc = self._read(name)
         if doc is not None:
             why = _state_problem(doc)
             if why:
-                raise self.damaged(self.dest.state_name, why)
+                raise self.damaged(name, why)
         return doc
+
+    def _state_of_the_device_before(self) -> dict[str, Any] | None:
+        """A block device with no state of its own, at a path that named another mirrored device.
+
+        What that device held is what this one is expected to hold: it is
+        reported (a check compares against it), but as unknown, so a sync
+        resyncs by comparing instead of refusing or patching.
+        """
+        alias = self._read(self.dest.alias_name) or {}
+        before = alias.get("device")
+        if not isinstance(before, str) or before == self.dest.device:
+            return None
+        old = self._checked_state(state_name_of(before))
+        if not old:
+            return None
+        return {**old, "unknown": f"{self.dest.given} is now another device ({self.dest.device}) than the "
+                                  f"one lvmirror mirrored to there ({before})"}
 
     def write_state(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Replace the state with ``doc`` (plus what says which file it is); returns what was written."""
         full = {**doc, "format": STATE_FORMAT, "version": 2, "dest": self.dest.path, "kind": self.dest.kind}
         self._write(self.dest.state_name, full)
+        if self.dest.is_block:
+            self._write(self.dest.alias_name, {"device": self.dest.device, "path": self.dest.given})
         return full
 
     # -- staging progress

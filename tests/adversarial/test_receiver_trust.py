@@ -245,6 +245,33 @@ def test_two_block_device_spellings_share_one_state_and_two_devices_never_do(tmp
         assert len(list(state_dir.glob("*.json"))) == 1
 
 
+def test_a_block_device_swapped_in_at_the_same_path_holds_nothing_known(tmp_path: Path):
+    """The path now names another device: what the old one held is reported, as unknown; compare mends it."""
+    state_dir = tmp_path / "state"
+    with loop_device(tmp_path / "a", len(V1)) as a, loop_device(tmp_path / "b", len(V1)) as b:
+        path = tmp_path / "mirror-dev"
+        path.symlink_to(a)
+        sync(path, *delta(None, V1, "", "vol@1", pieces=_all(V1)), state_dir=str(state_dir))
+        path.unlink()
+        path.symlink_to(b)  # the admin's /dev/vg/mirror is now another LV
+        with LocalTransport(str(path), str(state_dir)) as rc:
+            greeting = rc.hello()
+            assert not greeting.holds and "another device" in greeting.unknown
+            assert greeting.recorded["snapshot"] == "vol@1"
+            ident, blob = delta(V1, V2, "vol@1", "vol@2")
+            with pytest.raises(Refused, match="another device"):
+                rc.send_delta(BytesSource(blob), ident.delta_id)
+            target = tmp_path / "v2.img"
+            target.write_bytes(V2)
+            from lvmirror import deltas
+            from lvmirror.pipelines import send
+            d = deltas.compare_delta(rc, greeting, VOL, "vol@2", str(target), len(V2))
+            send(rc, d, "resync")
+            d.close()
+            assert rc.hello().holds == "vol@2"
+        assert sha_file(b) == sha(V2) and sha_file(a) == sha(V1)
+
+
 def _all(data: bytes) -> list[tuple[int, int, int]]:
     """Every block of ``data`` (an init of a block device must define every byte)."""
     return [(o, min(4096, len(data) - o), 0 if data[o:o + 4096].strip(b"\0") else 1)

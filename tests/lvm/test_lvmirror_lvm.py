@@ -8,6 +8,7 @@ a base removed by hand, a volume grown between syncs, a wrong-base apply.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -218,3 +219,54 @@ def test_block_device_destination(vg, tmp_path):
         m.run("sync", m.name)
         m.assert_matches_base()
     m.run("check", m.name)
+
+
+def test_destinations_changed_between_runs_are_resynced_never_patched(vg, tmp_path):
+    """Deleted, truncated, shrunk, swapped (an image file; an LV swapped in under the device's path):
+    each next sync says so and resyncs by compare, and the mirror equals the new base."""
+    m = classic(vg, tmp_path)
+    size = VOLUME_MB * MiB
+    seeded_writes(m.origin, size, seed=71)
+    m.run("init", m.name)
+
+    def swap(image: Path) -> None:
+        other = image.with_name("other.img")
+        other.write_bytes(b"\x5a" * size)
+        os.replace(other, image)
+
+    damages = [("deleted", lambda p: p.unlink(), "no longer exists"),
+               ("truncated", lambda p: os.truncate(p, 0), "truncated or resized"),
+               ("shrunk", lambda p: os.truncate(p, size // 2), "truncated or resized"),
+               ("swapped", swap, "replaced or recreated")]
+    for n, (what, damage, said) in enumerate(damages):
+        seeded_writes(m.origin, size, seed=72 + n)
+        damage(m.image)
+        out = m.run("sync", m.name)
+        assert said in out.stderr and "compare resync" in out.stderr, (what, out.stderr)
+        m.assert_matches_base()
+    m.run("check", m.name)
+
+
+def test_a_block_device_swapped_under_its_path_is_resynced(vg, tmp_path):
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "mirror", vg.name)
+    dest = f"/dev/{vg.name}/mirror"
+    m = Mirror(tmp_path, vg.name, "data", device=dest)
+    size = VOLUME_MB * MiB
+    seeded_writes(m.origin, size, seed=81)
+    m.run("init", m.name)
+    m.assert_matches_base()
+    # Another LV (full of other bytes) now answers to the mirror's path.
+    vg.run("lvrename", "-q", vg.name, "mirror", "mirror-old")
+    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "mirror", vg.name)
+    write_at(dest, 0, b"\x33" * size)
+    seeded_writes(m.origin, size, seed=82)
+    out = m.run("sync", m.name)
+    assert "another device" in out.stderr and "compare resync" in out.stderr, out.stderr
+    m.image = Path(dest)
+    states = list(m.state_dir.glob("*.json"))
+    assert len(states) == 2  # one per device, never shared
+    new_state = max(states, key=lambda p: p.stat().st_mtime)
+    [base] = m.owned()
+    assert json.loads(new_state.read_text())["snapshot"] == base.snapshot_id
+    assert sha256_of(base.path) == sha256_of(dest)

@@ -142,6 +142,8 @@ def test_apply_of_an_exported_delta_directory(tmp_path, images):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert sha(dest) == sha(b)
+    ranges = len((tmp_path / "d" / "ranges").read_text().splitlines())
+    assert ranges > 0 and f" in {ranges} ranges" in out.stderr, out.stderr  # not "in 0 ranges"
     # The same delta again: the destination no longer holds its base.
     out = subprocess.run([str(BIN / "lvmirror"), "apply", str(tmp_path / "d" / "delta"), str(dest)],
                          capture_output=True, text=True)
