@@ -126,7 +126,10 @@ class _Scan:
             raise BadInput(f"{self.where()}: attribute {key!r} is missing")
         if not _decimal(value):
             raise BadInput(f"{self.where()}: attribute {key}={value!r} is not a decimal block number")
-        return int(value)
+        number = int(value)
+        if number >= 1 << 63:  # kept in uint64 arrays and multiplied by the block size: bound it here
+            raise BadInput(f"{self.where()}: attribute {key}={value} is past any device's size")
+        return number
 
     def misplaced(self, tag: str, why: str = "") -> NoReturn:
         raise BadInput(f"{self.where()}: unknown or misplaced element <{tag}>{why}")

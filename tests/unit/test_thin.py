@@ -544,3 +544,9 @@ def test_metadata_snapshot_is_one_holder_per_pool_at_a_time(tmp_path, monkeypatc
     b.join()
     assert log == ["release_metadata_snap", "reserve_metadata_snap", "a in", "a out", "release_metadata_snap",
                    "release_metadata_snap", "reserve_metadata_snap", "b in", "b out", "release_metadata_snap"]
+
+
+def test_a_block_number_past_any_device_is_refused_not_an_overflow():
+    lines = _delta(f'<different begin="{1 << 64}" length="1"/>')
+    with pytest.raises(BadInput, match="past any device's size"):
+        parse_thin_delta(lines, 1 << 20, thin1=1, thin2=2)
