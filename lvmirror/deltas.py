@@ -87,7 +87,13 @@ def compare_delta(client: ReceiverClient, hello: Hello, volume: str, target_id: 
     Its base is the receiver's token for the destination as it is now, so the
     receiver applies it only if nothing changed the destination since.
     """
-    extents = compare_extents(client, path, size, block_size)
+    return delta_over(hello, compare_extents(client, path, size, block_size), volume, target_id, path, size,
+                      block_size)
+
+
+def delta_over(hello: Hello, extents: Extents, volume: str, target_id: str, path: str, size: int,
+               block_size: int = BLOCK_SIZE) -> Delta:
+    """The compare delta of ``extents`` (what differs) over the destination as ``hello`` saw it."""
     ident = Identity(volume=volume, base=hello.token, target=target_id, base_size=hello.size,
                      target_size=size, chunk_size=block_size, source="compare")
     return Delta(ident, extents, FileReader(path, size))

@@ -320,10 +320,8 @@ def check_against(client: ReceiverClient, name: str, path: str, size: int, *, re
         return result, None
     # A repair is an ordinary compare delta from the destination as it is to what it should hold,
     # so the receiver's base check, staging and state apply to it as to any other.
-    ident = Identity(volume=str(greeting.recorded.get("volume") or pairs.IMAGE_VOLUME), base=greeting.token,
-                     target=held, base_size=greeting.size, target_size=size, chunk_size=block_size,
-                     source="compare")
-    delta = Delta(ident, mismatched, FileReader(path, size))
+    volume = str(greeting.recorded.get("volume") or pairs.IMAGE_VOLUME)
+    delta = deltas.delta_over(greeting, mismatched, volume, held, path, size, block_size)
     try:
         send(client, delta, f"{name}: repair")
     finally:

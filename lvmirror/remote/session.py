@@ -108,14 +108,17 @@ class Session:
         why = unknown_reason(state, self.dest.binding(), self.dest.path)
         return (None, why) if why else (state, "")
 
-    def staged(self) -> dict[str, Any] | None:
+    def held_progress(self) -> dict[str, Any] | None:
+        """The progress of the staged delta, if its staging file still holds what it says."""
         progress = self.files.progress()
-        if not progress:
-            return None
-        if self.files.staging_size() < progress["verified"]:
+        if progress and self.files.staging_size() < progress["verified"]:
             return None  # the staging file lost bytes: start that delta over
+        return progress
+
+    def staged(self) -> dict[str, Any] | None:
+        progress = self.held_progress()
         keys = ("delta_id", "verified", "complete", "stream_size", "identity", "force")
-        return {k: progress[k] for k in keys}
+        return {k: progress[k] for k in keys} if progress else None
 
     def hello(self) -> dict[str, Any]:
         recorded = self.files.state()
@@ -150,7 +153,7 @@ class Session:
             self.files.discard_staging()
             return Stager(self.files, delta_id, identity, force=force, stream_size=stream_size, offset=0,
                           reader_state=None)
-        staged = self.staged()
+        staged = self.held_progress()
         if not staged or staged["delta_id"] != delta_id:
             raise StateError(f"cannot resume delta {delta_id} at byte {offset}: the receiver holds "
                              f"{_staged_text(staged)}; send it from byte 0", verified=0)
@@ -159,9 +162,8 @@ class Session:
             raise StateError(f"cannot resume delta {delta_id} at byte {offset}: the receiver holds it "
                              f"verified up to byte {held}; resume from there", verified=staged["verified"])
         self.check_base(staged["identity"], delta_id, staged["force"] or force)
-        progress = self.files.progress() or {}
         return Stager(self.files, delta_id, staged["identity"], force=staged["force"] or force,
-                      stream_size=staged["stream_size"], offset=offset, reader_state=progress["reader"])
+                      stream_size=staged["stream_size"], offset=offset, reader_state=staged["reader"])
 
     def receive(self, stager: Stager, frames: FrameReader) -> dict[str, Any]:
         """Verify and stage what arrives; the reply says how much is held verified."""
