@@ -83,7 +83,7 @@ def load_key(path: str | Path | None) -> paramiko.PKey:
                                     f"{', '.join(DEFAULT_KEYS)} exists in {Path.home() / '.ssh'})")
         path = found[0]
     try:
-        return paramiko.PKey.from_path(str(path))
+        return _read_private_key(str(path))
     except FileNotFoundError:
         raise ConnectionProblem(f"ssh key {path} does not exist (check ssh_key in the config)") from None
     except paramiko.PasswordRequiredException:
@@ -92,6 +92,24 @@ def load_key(path: str | Path | None) -> paramiko.PKey:
                                 "authorized_keys on the far side)") from None
     except (paramiko.SSHException, OSError, ValueError) as e:
         raise ConnectionProblem(f"cannot load ssh key {path}: {e}") from None
+
+
+# The key types OpenSSH makes today, most likely first (DSA is gone from OpenSSH and paramiko).
+KEY_TYPES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+
+
+def _read_private_key(path: str) -> paramiko.PKey:
+    """Each key type in turn: paramiko's PKey.from_path is 3.2 and later, and Debian 12 has 2.12."""
+    wrong_type: paramiko.SSHException | None = None
+    for kind in KEY_TYPES:
+        try:
+            return kind.from_private_key_file(path)
+        except paramiko.PasswordRequiredException:
+            raise
+        except paramiko.SSHException as e:  # not this type, or not a key at all
+            wrong_type = e
+    assert wrong_type is not None
+    raise wrong_type
 
 
 class KnownHosts:

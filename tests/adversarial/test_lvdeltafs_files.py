@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -25,9 +24,8 @@ import pytest
 from lvdeltafs.errors import EXIT_BAD_INPUT, EXIT_REFUSED
 from lvdeltafs.formats import stream as S
 from lvdeltafs.formats.files import NAMES
-from tests.harness import PLANT_FILES, PLANT_LINKS, as_nobody
+from tests.harness import BIN, PLANT_FILES, PLANT_LINKS, as_nobody
 
-BIN = Path(sys.executable).parent
 LVDELTAFS, LVMIRROR = str(BIN / "lvdeltafs"), str(BIN / "lvmirror")
 MiB = 1 << 20
 # `shared` (a sticky world-writable folder under /tmp) and `victim` (a file of root's outside it) come

@@ -23,6 +23,7 @@ from lvmirror.client import ReceiverClient
 from lvmirror.transports import LocalTransport
 from tests.encoder import write_stream
 from tests.harness import (
+    BIN,
     PLANT_FILES,
     PLANT_LINKS,
     V1,
@@ -40,7 +41,7 @@ from tests.harness import (
     sync,
 )
 
-LVMIRROR = str(Path(sys.executable).parent / "lvmirror")
+LVMIRROR = str(BIN / "lvmirror")
 SIDE_FILES = ["m.img.lvmirror-lock", "m.img.lvmirror-state", "m.img.lvmirror-staging",
               "m.img.lvmirror-staging.progress", f"m.img.lvmirror-state.tmp{os.getpid()}"]
 
@@ -372,7 +373,11 @@ def small_ext4(tmp_path: Path):
 
 @pytest.mark.parametrize("content", [b"{not json", b"[]", b"\x00\xff" * 10, b"[" * 100000 + b"]" * 100000,
                                      json.dumps({"format": "lvmirror-state", "size": "big"}).encode(),
-                                     json.dumps({"format": "lvmirror-state", "snapshot": "a\nb"}).encode()])
+                                     json.dumps({"format": "lvmirror-state", "snapshot": "a\nb"}).encode()],
+                         # Short ids: pytest 7 (Debian 12's) puts the whole id in PYTEST_CURRENT_TEST,
+                         # and a 200 kB one makes every subprocess fail with E2BIG.
+                         ids=["not-json", "a-list", "binary", "nested-deeply", "size-a-string",
+                              "newline-in-name"])
 def test_a_damaged_state_file_is_named_and_discard_is_the_way_out(tmp_path: Path, content: bytes):
     dest = tmp_path / "m.img"
     sync(dest, *delta(None, V1, "", "vol@1"))
@@ -462,7 +467,7 @@ def raw_session(dest: Path) -> subprocess.Popen:
     b'"just a string"',
     b"\xff\xfe not utf-8",
     b'{"op": "apply", "x": ' + b"1" * 5000 + b"}",
-])
+], ids=lambda line: repr(line[:40]))  # short: pytest 7 puts the whole id in PYTEST_CURRENT_TEST (E2BIG)
 def test_malformed_requests_get_an_error_reply_and_the_session_goes_on(tmp_path: Path, line: bytes):
     dest = tmp_path / "m.img"
     proc = raw_session(dest)

@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,10 +20,11 @@ import pytest
 from lvdeltafs.extents import DATA, format_ranges
 from lvdeltafs.formats.files import NAMES, DeltaFiles
 from lvdeltafs.pairs import open_delta
+from tests.harness import BIN
 
 pytestmark = pytest.mark.fuse
 
-LVDELTAFS = str(Path(sys.executable).parent / "lvdeltafs")
+LVDELTAFS = str(BIN / "lvdeltafs")
 MiB = 1 << 20
 SIZE = 48 * MiB
 

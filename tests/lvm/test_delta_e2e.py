@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lvdeltafs.extents import DATA, ZERO, parse_ranges
-from tests.harness import apply_stream, sh, sha256_of, write_at
+from tests.harness import BIN, apply_stream, sh, sha256_of, write_at
 
 pytestmark = pytest.mark.lvm
 
-LVDELTAFS = str(Path(sys.executable).parent / "lvdeltafs")
+LVDELTAFS = str(BIN / "lvdeltafs")
 SECTOR = 512
 
 

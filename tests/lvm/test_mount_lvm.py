@@ -7,18 +7,17 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from lvdeltafs.extents import DATA, parse_ranges
-from tests.harness import sh, write_at
+from tests.harness import BIN, sh, write_at
 
 pytestmark = pytest.mark.lvm
 
-LVDELTAFS = str(Path(sys.executable).parent / "lvdeltafs")
+LVDELTAFS = str(BIN / "lvdeltafs")
 MiB = 1 << 20
 # The tree trusts an LVM listing for 2 s and the kernel its entries for 1 s.
 STALE_AFTER = 3.5

@@ -15,7 +15,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import paramiko
 import pytest
 
 from lvdeltafs.errors import ConnectionProblem, LvError
@@ -148,7 +147,7 @@ def test_changed_host_key_is_refused(sshd, tmp_path):
         transport(sshd, tmp_path / "m.img", known_hosts=str(wrong)).connect()
     msg = str(err.value)
     assert "HAS CHANGED" in msg and host_fingerprint(sshd) in msg
-    old = paramiko.PKey.from_path(str(tmp_path / "other"))
+    old = ssh.load_key(tmp_path / "other")
     assert ssh.fingerprint(old) in msg
     assert f"ssh-keygen -R '[127.0.0.1]:{sshd.port}'" in msg
 

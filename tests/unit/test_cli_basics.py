@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import subprocess
-import sys
-from pathlib import Path
 
 import click
 import pytest
@@ -14,8 +12,7 @@ import pytest
 import lvdeltafs
 from lvdeltafs.clisupport import printable, run_group
 from lvdeltafs.errors import BadInput
-
-BIN = Path(sys.executable).parent
+from tests.harness import BIN
 
 
 @pytest.mark.parametrize("prog", ["lvdeltafs", "lvmirror"])

@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 
 from lvdeltafs.extents import DATA, ZERO, parse_ranges
 from tests.cowimage import write_cow_image
-from tests.harness import apply_stream
+from tests.harness import BIN, apply_stream
 
-LVDELTAFS = str(Path(sys.executable).parent / "lvdeltafs")
+LVDELTAFS = str(BIN / "lvdeltafs")
 MiB = 1 << 20
 
 

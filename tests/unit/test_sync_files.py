@@ -21,9 +21,9 @@ from lvmirror import spool as spool_mod
 from lvmirror.lock import volume_lock
 from lvmirror.progress import Progress, human
 from lvmirror.transports import LocalTransport
+from tests.harness import BIN
 
 MiB = 1 << 20
-BIN = Path(sys.executable).parent
 
 
 def sha(path) -> str:
