@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import stat
 import sys
 import unicodedata
@@ -178,6 +179,53 @@ def _check_parent(path: str, what: str) -> None:
         raise BadInput(f"{head} is not writable")
 
 
+# ``90m``, ``26h``, ``2d``, ``1w``, or plain seconds; twelve digits are plenty (and keep floats exact).
+_DURATION = re.compile(r"([0-9]{1,12})([smhdw]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_FORMS = "a number with a unit s, m, h, d or w (90m, 26h, 2d, 1w), or plain seconds (3600)"
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``90m``, ``26h``, ``2d``, ``1w`` or ``3600``: the one parser of durations given by users.
+
+    ValueError (saying which forms are accepted) for anything else, zero included:
+    a limit of no time at all is a typo, not a wish.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a duration: use {DURATION_FORMS}")
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be longer than 0")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``3d 4h``, ``2h 5m``, ``7m 30s``, ``12s``: the largest unit and the next, for an age or a limit."""
+    left = max(0, int(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (small, small_size) in zip(units, units[1:] + (("", 1),), strict=True):
+        if left >= size or unit == "s":
+            rest = (left % size) // small_size
+            return f"{left // size}{unit}" + (f" {rest}{small}" if rest and small else "")
+    raise AssertionError("unreachable: seconds always match")
+
+
+class Duration(click.ParamType):
+    """A duration option (``--max-age 26h``): seconds, or click's usage error naming the forms."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = os.fsdecode(value) if isinstance(value, bytes) else str(value)
+        try:
+            return parse_duration(text)
+        except ValueError as e:
+            self.fail(f"{printable(text)}: {e}", param, ctx)
+
+
 def setup_logging(prog: str, verbose: int, quiet: bool) -> None:
     """Plain lines on stderr: journald and cron mail keep them as they are.  One -v is debug."""
     level = logging.WARNING if quiet else logging.INFO if verbose == 0 else logging.DEBUG
@@ -221,6 +269,22 @@ def _quiet_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def exit_status(exc: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message :func:`run_group` gives ``exc``: what a run's record keeps.
+
+    So the record of a failed run says what its user (or cron's mail) saw.
+    """
+    if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
+        return 130, "interrupted"
+    if isinstance(exc, SystemExit):
+        return (exc.code if isinstance(exc.code, int) else EXIT_FAILURE), ""
+    if isinstance(exc, LvError):
+        return exc.exit_code, printable(str(exc))
+    if isinstance(exc, OSError):
+        return _OS_EXIT.get(exc.errno or 0, EXIT_FAILURE), describe_os_error(exc)
+    return EXIT_FAILURE, printable(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def run_group(group: click.Group, prog: str) -> Callable[..., None]:

@@ -18,6 +18,10 @@ EXIT_MISMATCH = 6
 EXIT_BUSY = 7
 EXIT_CONNECTION = 8
 EXIT_NO_SPACE = 9
+# `lvmirror status --max-age`: a mirror's last good sync is older than allowed.  It shares 2 with
+# usage errors on purpose: 2 is a monitoring plugin's CRITICAL (and status's 1, a problem, its WARNING),
+# so the command is a Nagios/Icinga check as it is; a check given wrong arguments is critical too.
+EXIT_STALE = 2
 
 
 class LvError(Exception):

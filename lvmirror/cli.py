@@ -10,8 +10,8 @@ from collections.abc import Callable
 import click
 
 from lvdeltafs import __version__
-from lvdeltafs.clisupport import VERBOSE_HELP, SafeName, check_input, run_group, setup_logging
-from lvdeltafs.errors import LvError, Mismatch
+from lvdeltafs.clisupport import VERBOSE_HELP, Duration, SafeName, check_input, run_group, setup_logging
+from lvdeltafs.errors import EXIT_STALE, LvError, Mismatch
 from lvmirror.config import ConfigError
 
 log = logging.getLogger("lvmirror")
@@ -41,13 +41,36 @@ def _config(ctx: click.Context):
     return cached
 
 
-def _locked(ctx: click.Context, name: str, job: Callable[..., object], **kwargs: object) -> object:
-    """Run one pipeline for one volume under its lock."""
+def _locked(ctx: click.Context, name: str, job: Callable[..., object], *, record: str = "",
+            **kwargs: object) -> object:
+    """Run one pipeline for one volume under its lock.
+
+    ``record``: the command to keep in the volume's record of runs (:mod:`lvmirror.runlog`), which
+    `status` and the metrics file read; a dry run records nothing, nor a run that found the lock held.
+    """
+    from lvmirror import runlog
     from lvmirror.lock import volume_lock
     cfg = _config(ctx)
     vol = cfg.volume(name)
     with volume_lock(cfg.lock_dir, vol.name):
-        return job(vol, **kwargs)
+        if not record or kwargs.get("dry_run"):
+            return job(vol, **kwargs)
+        try:
+            with runlog.recording(vol.name, vol.work_dir, record) as run:
+                outcome = job(vol, **kwargs)
+                run.outcome(outcome)  # every recorded job returns a pipelines.Outcome
+                return outcome
+        finally:
+            _metrics(ctx)
+
+
+def _metrics(ctx: click.Context, *, now: bool = False) -> None:
+    """Rewrite the metrics file (if configured) after a run; `sync --all` writes it once, at its end."""
+    if ctx.obj.get("metrics_later") and not now:
+        ctx.obj["metrics_due"] = True
+        return
+    from lvmirror import metrics
+    metrics.write_quietly(_config(ctx))
 
 
 def _report(outcome) -> None:
@@ -66,7 +89,7 @@ def _report(outcome) -> None:
 def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
     """First full copy of VOLUME to its destination (zero runs skipped)."""
     from lvmirror import pipelines
-    _report(_locked(ctx, volume, pipelines.init, dry_run=dry_run))
+    _report(_locked(ctx, volume, pipelines.init, record="init", dry_run=dry_run))
 
 
 @cli.command()
@@ -90,20 +113,25 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
     if not names:
         raise ConfigError(f"{_config(ctx).path}: no [volume.NAME] tables, so --all has nothing to sync")
     failures: list[LvError] = []
-    for name in names:
-        try:
-            if check_:
-                ctx.invoke(check, volume=name, repair=repair)
-            elif initial:
-                ctx.invoke(init, volume=name, dry_run=dry_run)
-            else:
-                from lvmirror import pipelines
-                _report(_locked(ctx, name, pipelines.sync, dry_run=dry_run))
-        except LvError as e:
-            if not all_:
-                raise
-            log.error("%s: %s", name, e)
-            failures.append(e)
+    ctx.obj["metrics_later"] = all_  # one metrics file for the whole round, written at its end
+    try:
+        for name in names:
+            try:
+                if check_:
+                    ctx.invoke(check, volume=name, repair=repair)
+                elif initial:
+                    ctx.invoke(init, volume=name, dry_run=dry_run)
+                else:
+                    from lvmirror import pipelines
+                    _report(_locked(ctx, name, pipelines.sync, record="sync", dry_run=dry_run))
+            except LvError as e:
+                if not all_:
+                    raise
+                log.error("%s: %s", name, e)
+                failures.append(e)
+    finally:
+        if ctx.obj.pop("metrics_due", False):
+            _metrics(ctx, now=True)
     if failures:
         log.error("%d of %d volumes failed", len(failures), len(names))
         sys.exit(failures[0].exit_code)
@@ -118,13 +146,19 @@ def check(ctx: click.Context, volume: str, repair: bool) -> None:
 
     Prints the ranges that differ, one per line: OFFSET LENGTH data|zero.
     """
+    _locked(ctx, volume, _check, record="repair" if repair else "check", repair=repair)
+
+
+def _check(vol, *, repair: bool):
+    """`check` under the volume's lock, so that differences found are recorded as this run's failure."""
     from lvdeltafs.extents import format_ranges
     from lvmirror import pipelines
-    result, repaired = _locked(ctx, volume, pipelines.check, repair=repair)
+    volume = vol.name
+    result, repaired = pipelines.check(vol, repair=repair)
     if result.ok:
         log.info("%s: destination matches snapshot %s (%d bytes)", volume, result.snapshot,
                  result.checked_bytes)
-        return
+        return pipelines.Outcome(volume, "check", result.snapshot)
     sys.stdout.write(format_ranges(result.mismatched))
     what = (f"{len(result.mismatched)} ranges ({result.mismatched.data_bytes + result.mismatched.zero_bytes} "
             f"bytes) differ from snapshot {result.snapshot}")
@@ -132,22 +166,44 @@ def check(ctx: click.Context, volume: str, repair: bool) -> None:
         raise Mismatch(f"{volume}: {what}; `lvmirror check --repair {volume}` sends just those")
     log.warning("%s: %s; repaired", volume, what)
     _report(repaired)
+    return repaired
 
 
 @cli.command()
 @click.argument("volumes", type=NAME, nargs=-1)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document on stdout (its schema: docs/status-json.md).")
+@click.option("--max-age", type=Duration(), metavar="DURATION",
+              help="Exit 2 naming each volume whose last good sync is older than DURATION "
+              "(90m, 26h, 2d, 1w, or seconds), or that has none: a Nagios/Icinga check as it is.")
 @click.pass_context
-def status(ctx: click.Context, volumes: tuple[str, ...]) -> None:
-    """Each volume's base snapshot, COW use, destination state and last sync."""
-    from lvmirror.status import status as volume_status
+def status(ctx: click.Context, volumes: tuple[str, ...], as_json: bool, max_age: int | None) -> None:
+    """Each volume's base snapshot, COW use, destination state, last sync, last failure.
+
+    Exits 1 if a volume has a problem (its last run failed, among others), 2 with --max-age if one is stale.
+    """
+    import json
+    import time
+
+    from lvmirror import status as report
     cfg = _config(ctx)
     names = volumes or tuple(sorted(cfg.volumes))
-    problems = 0
+    statuses = []
     for name in names:
-        st = volume_status(cfg.volume(name))
-        click.echo(_status_text(st))
-        problems += bool(st.problems)
-    if problems:
+        st = report.status(cfg.volume(name))
+        statuses.append(st)
+        if not as_json and max_age is None:
+            click.echo(_status_text(st))  # as each is known: a far destination may take a while
+    now = time.time()
+    if as_json:
+        click.echo(json.dumps(report.as_json(statuses, now, max_age), indent=2))
+    elif max_age is not None:
+        # The verdict first: a monitoring plugin's first line is its summary.
+        for line in report.stale_lines(statuses, now, max_age) + [_status_text(st) for st in statuses]:
+            click.echo(line)
+    if max_age is not None and any(st.stale(now, max_age) for st in statuses):
+        sys.exit(EXIT_STALE)
+    if any(st.problems for st in statuses):
         sys.exit(1)
 
 
@@ -171,6 +227,8 @@ def _status_text(st) -> str:
             lines.append(f"  needs a check: a forced apply was made; run `lvmirror check {st.name}`")
     elif not st.problems:
         lines.append(f"  destination:   not initialised (run `lvmirror init {st.name}`)")
+    from lvmirror.status import run_lines
+    lines.extend(run_lines(st))
     if st.snapshots:
         lines.append(f"  snapshots:     {', '.join(st.snapshots)}")
     lines.extend(f"  problem:       {p}" for p in st.problems)

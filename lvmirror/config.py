@@ -4,7 +4,8 @@
     snapshot_size = "1G"
     keep = 1
     lock_dir = "/run/lock/lvmirror"           # one lock file per volume
-    work_dir = "/var/lib/lvmirror"            # ranges of deltas in flight, to resume them exactly
+    work_dir = "/var/lib/lvmirror"            # ranges of deltas in flight, and each volume's last runs
+    metrics_file = "/var/lib/prometheus/node-exporter/lvmirror.prom"   # optional: Prometheus textfile
 
     [volume.web]
     vg = "vg0"
@@ -54,7 +55,7 @@ DEFAULT_WORK_DIR = "/var/lib/lvmirror"
 # Keys a [volume.NAME] table may hold; [defaults] may hold all but the per-volume ones.
 VOLUME_ONLY = ("vg", "lv", "destination")
 SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts")
-DEFAULTS_ONLY = ("lock_dir", "work_dir")
+DEFAULTS_ONLY = ("lock_dir", "work_dir", "metrics_file")
 VOLUME_KEYS = VOLUME_ONLY + SHARED_KEYS
 DEFAULTS_KEYS = SHARED_KEYS + DEFAULTS_ONLY
 
@@ -99,6 +100,7 @@ class Config:
     path: str
     volumes: dict[str, VolumeConfig]
     lock_dir: str
+    metrics_file: str | None = None  # written after each run when set (see lvmirror.metrics)
 
     def volume(self, name: str) -> VolumeConfig:
         try:
@@ -235,7 +237,8 @@ def parse(doc: dict[str, Any], path: str = "<config>") -> Config:
                for name, body in volumes_doc.items()}
     _check_distinct_destinations(volumes, shown)
     lock_dir = _abs_path(defaults.get("lock_dir", DEFAULT_LOCK_DIR), f"{shown}: [defaults] lock_dir")
-    return Config(path, volumes, lock_dir)
+    metrics_file = _metrics_file(defaults.get("metrics_file"), f"{shown}: [defaults] metrics_file")
+    return Config(path, volumes, lock_dir, metrics_file)
 
 
 def _volume_where(shown: str, name: str) -> str:
@@ -312,6 +315,16 @@ def _abs_path(value: Any, where: str) -> str:
 
 def _opt_path(value: Any, where: str) -> str | None:
     return None if value is None else _abs_path(value, where)
+
+
+def _metrics_file(value: Any, where: str) -> str | None:
+    """An absolute ``*.prom`` path: node_exporter's textfile collector reads only files so named."""
+    path = _opt_path(value, where)
+    name = "" if path is None or value.endswith("/") else os.path.basename(path)
+    if path is not None and (not name.endswith(".prom") or name == ".prom"):
+        raise ConfigError(f"{where} must name a file ending in .prom (node_exporter's textfile "
+                          f"collector reads only those), not {shown_value(value)}")
+    return path
 
 
 def _size(value: Any, where: str) -> str | None:

@@ -48,6 +48,9 @@ class Outcome:
     ranges: int = 0
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)
+    generation: int | None = None  # the destination's generation after it (None: not applied, or unknown)
+    # A classic base's COW use as the sync found it, before replacing it: how full it got between runs.
+    base_cow_percent: float | None = None
 
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"
@@ -132,6 +135,13 @@ def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = Fals
     return reply
 
 
+def applied_generation(reply: dict) -> int | None:
+    """The generation the receiver's apply reply records (None if it names none: it is only reported)."""
+    state = reply.get("state") if isinstance(reply, dict) else None
+    generation = state.get("generation") if isinstance(state, dict) else None
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) else None
+
+
 # ---- init -------------------------------------------------------------------
 
 def source_volume(vol: VolumeConfig) -> lvm.LogicalVolume:
@@ -173,7 +183,8 @@ def _send_new(vol: VolumeConfig, client: ReceiverClient, snap: lvm.LogicalVolume
         out = _outcome(vol.name, action, delta, dry_run)
         out.notes.extend(notes)
         if not dry_run:
-            send(client, delta, f"{vol.name}: {action}", spool_dir=vol.spool)
+            out.generation = applied_generation(send(client, delta, f"{vol.name}: {action}",
+                                                     spool_dir=vol.spool))
     except BaseException:
         # Closed first: LVM will not remove a snapshot that is held open.
         if delta is not None:
@@ -221,11 +232,14 @@ def sync(vol: VolumeConfig, *, dry_run: bool = False) -> Outcome:
             raise Refused(f"{vol.name}: the destination {vol.destination} holds no copy yet; run "
                           f"`lvmirror init {vol.name}` first")
         _check_same_volume(vol, greeting, source)
+        base_cow: float | None = None
         if not dry_run and _resume_staged(vol, client, greeting):
             greeting = hello(client)
         if greeting.holds:
             base = snapshots.check_base(vol, greeting.holds)
             problem = base.problem
+            if base.snapshot is not None and not base.snapshot.is_thin:
+                base_cow = base.snapshot.snap_percent
         else:
             base, problem = None, greeting.unknown
         if problem:
@@ -233,8 +247,10 @@ def sync(vol: VolumeConfig, *, dry_run: bool = False) -> Outcome:
                         "differing blocks sent)", vol.name, problem)
         snap = snapshots.take(vol, source)
         usable = base is not None and base.usable
-        return _send_new(vol, client, snap, lambda: _sync_delta(client, greeting, base, source, snap),
-                         "sync" if usable else "resync", dry_run, () if usable else (problem,))
+        out = _send_new(vol, client, snap, lambda: _sync_delta(client, greeting, base, source, snap),
+                        "sync" if usable else "resync", dry_run, () if usable else (problem,))
+        out.base_cow_percent = base_cow
+        return out
 
 
 def _check_same_volume(vol: VolumeConfig, greeting: Hello, source: lvm.LogicalVolume) -> None:
@@ -323,10 +339,12 @@ def check_against(client: ReceiverClient, name: str, path: str, size: int, *, re
     volume = str(greeting.recorded.get("volume") or pairs.IMAGE_VOLUME)
     delta = deltas.delta_over(greeting, mismatched, volume, held, path, size, block_size)
     try:
-        send(client, delta, f"{name}: repair")
+        reply = send(client, delta, f"{name}: repair")
     finally:
         delta.close()
-    return result, _outcome(name, "repair", delta, False)
+    out = _outcome(name, "repair", delta, False)
+    out.generation = applied_generation(reply)
+    return result, out
 
 
 # ---- apply and discard ----------------------------------------------------------

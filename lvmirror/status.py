@@ -1,15 +1,26 @@
-"""`lvmirror status`: what each mirror holds and how its snapshots stand (problems reported, not raised)."""
+"""`lvmirror status`: what each mirror holds and how its snapshots stand (problems reported, not raised).
+
+Also the monitoring side of it: the last runs this host recorded
+(:mod:`lvmirror.runlog`), the age of each mirror's last good sync against
+``--max-age``, and the JSON document of ``--json`` (schema: docs/status-json.md).
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lvdeltafs import lvm
+from lvdeltafs.clisupport import format_duration
 from lvdeltafs.errors import LvError
-from lvmirror import snapshots
+from lvmirror import runlog, snapshots
 from lvmirror.config import VolumeConfig
 from lvmirror.pipelines import hello, volume_receiver
+from lvmirror.progress import human
+
+SCHEMA = "lvmirror-status/1"  # docs/status-json.md: additive changes keep it, any other change bumps it
 
 
 @dataclass
@@ -26,10 +37,29 @@ class VolumeStatus:
     snapshots: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    runs: runlog.RunLog = field(default_factory=runlog.RunLog)
+
+    @property
+    def last_good_sync(self) -> float | None:
+        """When the mirror was last brought up to a snapshot: the last good init or sync recorded here;
+        failing that (none recorded yet, e.g. synced by an older lvmirror), when its state says so."""
+        if self.runs.last_success is not None:
+            return self.runs.last_success.finished
+        return _number(self.state.get("synced_epoch"))
+
+    def age(self, now: float) -> float | None:
+        last = self.last_good_sync
+        return None if last is None else max(0.0, now - last)
+
+    def stale(self, now: float, max_age: float) -> bool:
+        """Older than ``max_age``, or never synced at all."""
+        age = self.age(now)
+        return age is None or age > max_age
 
 
 def status(vol: VolumeConfig) -> VolumeStatus:
     st = VolumeStatus(vol.name, vol.vg_lv, vol.destination.raw)
+    add_runs(st, vol)
     try:
         with volume_receiver(vol) as client:
             greeting = hello(client)
@@ -88,3 +118,111 @@ def _space(st: VolumeStatus, snap: lvm.LogicalVolume) -> None:
             st.problems.append(f"thin pool {pool.vg_lv} has used {used:.1f}% of its {what} space; when it "
                                "is full, writes to every thin volume in it fail: extend it (lvextend) or "
                                "free space")
+
+
+def add_runs(st: VolumeStatus, vol: VolumeConfig) -> None:
+    """The volume's record of runs; a damaged record, and a last run that failed, are problems."""
+    st.runs = runlog.read(vol.name, vol.work_dir)
+    if st.runs.problem:
+        st.problems.append(st.runs.problem)
+    last = st.runs.last_run
+    if last is not None and not last.ok:
+        st.problems.append(f"the last run failed: {last.command} at {when(last.finished)}, exit code "
+                           f"{last.exit_code}: {last.error}")
+
+
+def local_space(vol: VolumeConfig, base_id: str) -> VolumeStatus:
+    """The room of the snapshot ``base_id`` by LVM alone, without asking the receiver (for the metrics)."""
+    st = VolumeStatus(vol.name, vol.vg_lv, vol.destination.raw, base_id=base_id)
+    snap = snapshots.find(snapshots.owned_snapshots(vol), base_id)
+    if snap is not None:
+        st.base = snap.vg_lv
+        _space(st, snap)
+    return st
+
+
+# ---- what is shown --------------------------------------------------------------------
+
+
+def when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+def run_lines(st: VolumeStatus) -> list[str]:
+    """The status lines of the last good sync and of an earlier failure recorded on this host."""
+    lines = []
+    good = st.runs.last_success
+    if good is not None:
+        gen = "" if good.generation is None else f", generation {good.generation}"
+        lines.append(f"  last success:  {good.action or good.command} at {when(good.finished)}, took "
+                     f"{format_duration(good.duration)}, sent {human(good.bytes_sent)}{gen}")
+    bad = st.runs.last_failure
+    if bad is not None and bad != st.runs.last_run:  # the last run's own failure is listed as a problem
+        lines.append(f"  last failure:  {bad.command} at {when(bad.finished)}, exit code {bad.exit_code}: "
+                     f"{bad.error}")
+    return lines
+
+
+def stale_lines(statuses: list[VolumeStatus], now: float, max_age: float) -> list[str]:
+    """``--max-age`` in text: one line per stale volume, else one saying all are fresh (first: Nagios)."""
+    lines = []
+    for st in statuses:
+        if not st.stale(now, max_age):
+            continue
+        last = st.last_good_sync
+        lines.append(f"stale: {st.name}: " + ("no good sync recorded" if last is None else
+                     f"last good sync {format_duration(now - last)} ago, at {when(last)}")
+                     + f" (allowed: {format_duration(max_age)})")
+    if not lines:
+        problems = sum(bool(st.problems) for st in statuses)
+        lines.append(f"fresh: {len(statuses)} volumes, each synced within {format_duration(max_age)}"
+                     + (f"; {problems} with problems (below)" if problems else ""))
+    return lines
+
+
+def as_json(statuses: list[VolumeStatus], now: float, max_age: float | None = None) -> dict[str, Any]:
+    """The ``--json`` document, field for field as docs/status-json.md describes it."""
+    return {"schema": SCHEMA, "generated": now, "max_age": max_age,
+            "volumes": [_volume_json(st, now, max_age) for st in statuses]}
+
+
+def _volume_json(st: VolumeStatus, now: float, max_age: float | None) -> dict[str, Any]:
+    state = st.state
+    return {
+        "name": st.name,
+        "source": st.source,
+        "destination": st.destination,
+        "base_snapshot": st.base or None,
+        "base_snapshot_id": st.base_id or None,
+        "cow_percent": st.cow_percent,
+        "pool": st.pool or None,
+        "pool_data_percent": st.pool_data_percent,
+        "pool_metadata_percent": st.pool_metadata_percent,
+        "snapshots": list(st.snapshots),
+        "generation": _count(state.get("generation")),
+        "size": _count(state.get("size")),
+        "synced": _number(state.get("synced_epoch")),
+        "needs_check": state.get("needs_check") is True,
+        "last_run": _run_json(st.runs.last_run),
+        "last_success": _run_json(st.runs.last_success),
+        "last_failure": _run_json(st.runs.last_failure),
+        "last_good_sync": st.last_good_sync,
+        "age": st.age(now),
+        "stale": None if max_age is None else st.stale(now, max_age),
+        "problems": list(st.problems),
+    }
+
+
+def _run_json(run: runlog.Run | None) -> dict[str, Any] | None:
+    return None if run is None else run.as_dict()
+
+
+def _count(value: Any) -> int | None:
+    # The receiver's state is shown, not trusted: what is not a count is shown as unknown.
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)

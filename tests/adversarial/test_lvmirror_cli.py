@@ -29,7 +29,7 @@ from tests.harness import V1, assert_clean_exit, delta, run_cli
 COMMANDS = ["init", "sync", "check", "status", "apply", "discard"]
 OPTIONS = ["-v", "-q", "-h", "--help", "--version", "-c", "--config", "-a", "--all", "--initial", "--check",
            "--repair", "-n", "--dry-run", "--force", "--state-dir", "--ssh-key", "--known-hosts", "--dest",
-           "--bogus", "--", "-"]
+           "--json", "--max-age", "--bogus", "--", "-"]
 PATHS = ["cfg", "delta", "deltadir", "garbage", "fifo", "socket", "dir", "mirror.img", "cfg/x", "no/such",
          ".", "/dev/null", "/dev/zero", "x" * 300, "d/" * 2100 + "x"]
 NAMES = ["web", "db", "nosuch", "", " ", "\x1b[2J", "a\nb", "\x7f", "\x9b31m", "\x00", "\udcff", "\u202e"]
@@ -51,6 +51,8 @@ wellformed = st.one_of(
     .map(list),
     where.map(lambda w: ["discard", "--dest", w]),
     st.lists(volume, max_size=3).map(lambda v: ["status", *v]),
+    st.tuples(st.sampled_from(["26h", "0", "-1h", "1y", "9" * 30, "2d\n", "", "1.5h"]), volume,
+              st.sampled_from([[], ["--json"]])).map(lambda t: ["status", "--max-age", t[0], t[1], *t[2]]),
 )
 argv = st.one_of(
     wellformed, wellformed,

@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from lvdeltafs.errors import EXIT_BAD_INPUT, EXIT_REFUSED, LvError
 from lvmirror import config as cfg
 from lvmirror.config import ConfigError, UnsafeConfig
+from tests.harness import BIN
 
 GOOD = """
 [defaults]
@@ -59,7 +59,13 @@ def test_good_config_loads_with_defaults_applied(tmp_path):
         "vg0", "web", "/srv/mirror/web.img", "1G", 2)
     assert (db.keep, db.snapshot_size, db.state_dir) == (1, "4096b", "/var/lib/lvmirror/db")
     assert c.lock_dir == cfg.DEFAULT_LOCK_DIR
+    assert c.metrics_file is None
     assert not web.destination.is_ssh
+
+
+def test_metrics_file_is_a_defaults_path(tmp_path):
+    c = load_text(tmp_path, "[defaults]\nmetrics_file = '/var/lib/node//./lvmirror.prom'\n")
+    assert c.metrics_file == "/var/lib/node/lvmirror.prom"
 
 
 def test_env_and_explicit_path(tmp_path, monkeypatch):
@@ -131,6 +137,10 @@ VOL = '[volume.web]\nvg = "vg0"\nlv = "web"\n'
     ("[defaults]\nlock_dir = 'run'\n", ("lock_dir", "absolute")),
     ("[defaults]\nwork_dir = 'var'\n" + VOL + "destination = '/x.img'\n", ("work_dir", "absolute")),
     (VOL + "destination = '/x.img'\nwork_dir = '/var'\n", ("[volume.web]", "unknown key 'work_dir'")),
+    ("[defaults]\nmetrics_file = 'lvmirror.prom'\n", ("metrics_file", "absolute")),
+    ("[defaults]\nmetrics_file = '/var/lib/node/lvmirror.txt'\n", ("metrics_file", ".prom")),
+    ("[defaults]\nmetrics_file = '/var/lib/node/'\n", ("metrics_file", ".prom")),
+    (VOL + "destination = '/x.img'\nmetrics_file = '/m.prom'\n", ("[volume.web]", "unknown key")),
     (VOL + "destination = '/x.img'\n[volume.w2]\nvg = 'vg0'\nlv = 'w2'\ndestination = '/x.img'\n",
      ("[volume.w2]", "also the destination of [volume.web]")),
     ("[volume.web\n", ("not valid TOML",)),
@@ -453,7 +463,7 @@ def test_unreadable_config_real():
         path.write_text(GOOD)
         path.chmod(0o000)
         res = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                              str(Path(sys.executable).parent / "lvmirror"), "-c", str(path), "status"],
+                              str(BIN / "lvmirror"), "-c", str(path), "status"],
                              capture_output=True, text=True, cwd="/")
         assert res.returncode == EXIT_BAD_INPUT, res.stderr
         assert "cannot read the configuration file: Permission denied" in res.stderr
@@ -594,7 +604,7 @@ def _load_bytes(tmp_path, data: bytes) -> None:
     else:
         for v in c.volumes.values():
             for value in (v.name, v.vg, v.lv, v.destination.raw, v.state_dir, v.ssh_key, v.known_hosts,
-                          v.work_dir, v.snapshot_size, c.lock_dir):
+                          v.work_dir, v.snapshot_size, c.lock_dir, c.metrics_file):
                 assert value is None or not RAW_CONTROL.search(value)
 
 
@@ -654,6 +664,8 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
     "keep": _mostly(st.sampled_from(["1", "2", "3", "0"])),
     **{k: _mostly(_PATHS.map(lambda p: f'"{p}"')) for k in ("state_dir", "ssh_key", "known_hosts",
                                                                "lock_dir", "work_dir")},
+    "metrics_file": _mostly(st.sampled_from(['"/var/lib/node/lvmirror.prom"', '"/x.prom"', '"/x.txt"',
+                                             '"rel.prom"', '"/d/.prom"', '"/d/x.prom/"'])),
 }
 
 
