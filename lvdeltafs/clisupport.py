@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
 from lvdeltafs.errors import (
     EXIT_BUSY,
@@ -81,6 +82,11 @@ class SafeName(click.ParamType):
         if not text:
             self.fail("an empty name", param, ctx)
         return text
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter,
+                       incomplete: str) -> list[CompletionItem]:
+        """Most names are paths: the shell completes file names (volume names complete their own way)."""
+        return [CompletionItem(incomplete, type="file")]
 
 
 KINDS = {stat.S_IFREG: "a regular file", stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory",

@@ -12,6 +12,7 @@ import click
 from lvdeltafs import __version__
 from lvdeltafs.clisupport import VERBOSE_HELP, Duration, SafeName, check_input, run_group, setup_logging
 from lvdeltafs.errors import EXIT_STALE, LvError, Mismatch
+from lvmirror.completion import volume_names
 from lvmirror.config import ConfigError
 
 log = logging.getLogger("lvmirror")
@@ -83,7 +84,7 @@ def _report(outcome) -> None:
 
 
 @cli.command()
-@click.argument("volume", type=NAME)
+@click.argument("volume", type=NAME, shell_complete=volume_names)
 @click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
 @click.pass_context
 def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
@@ -93,7 +94,7 @@ def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
 
 
 @cli.command()
-@click.argument("volume", type=NAME, required=False)
+@click.argument("volume", type=NAME, required=False, shell_complete=volume_names)
 @click.option("-a", "--all", "all_", is_flag=True, help="Every configured volume, one after another.")
 @click.option("--initial", is_flag=True, help="The same as `lvmirror init VOLUME`.")
 @click.option("--check", "check_", is_flag=True, help="The same as `lvmirror check VOLUME`.")
@@ -138,7 +139,7 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
 
 
 @cli.command()
-@click.argument("volume", type=NAME)
+@click.argument("volume", type=NAME, shell_complete=volume_names)
 @click.option("--repair", is_flag=True, help="Send just the blocks that differ, from the snapshot.")
 @click.pass_context
 def check(ctx: click.Context, volume: str, repair: bool) -> None:
@@ -170,7 +171,7 @@ def _check(vol, *, repair: bool):
 
 
 @cli.command()
-@click.argument("volumes", type=NAME, nargs=-1)
+@click.argument("volumes", type=NAME, nargs=-1, shell_complete=volume_names)
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON document on stdout (its schema: docs/status-json.md).")
 @click.option("--max-age", type=Duration(), metavar="DURATION",
@@ -261,7 +262,7 @@ def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: st
 
 
 @cli.command()
-@click.argument("volume", type=NAME, required=False)
+@click.argument("volume", type=NAME, required=False, shell_complete=volume_names)
 @click.option("--dest", type=NAME, metavar="DEST",
               help="A destination that is not in the config (as given to `apply`).")
 @click.option("--state-dir", type=NAME, metavar="DIR",
