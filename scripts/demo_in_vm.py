@@ -106,7 +106,10 @@ class Demo:
             write(f"/dev/{VG}/{LV}", offset, rng.randbytes(2 * MiB))
         step("the configuration")
         self.image.parent.mkdir()
-        self.cfg.write_text(f'[defaults]\nlock_dir = "{self.work}/lock"\nwork_dir = "{self.work}/state"\n\n'
+        self.metrics = self.work / "metrics" / "lvmirror.prom"
+        self.metrics.parent.mkdir(mode=0o755)
+        self.cfg.write_text(f'[defaults]\nlock_dir = "{self.work}/lock"\nwork_dir = "{self.work}/state"\n'
+                            f'metrics_file = "{self.metrics}"\n\n'
                             f'[volume.{LV}]\nvg = "{VG}"\nlv = "{LV}"\ndestination = "{self.image}"\n'
                             'snapshot_size = "16M"\n')
         self.cfg.chmod(0o600)
@@ -148,6 +151,22 @@ class Demo:
 
         step("lvmirror status")
         self.lvmirror("status")
+        self.monitoring()
+
+    def monitoring(self) -> None:
+        step("monitoring: status --json --max-age (a Nagios/Icinga check), the Prometheus textfile")
+        doc = json.loads(self.lvmirror("status", "--json", "--max-age", "26h"))
+        vol = doc["volumes"][0]
+        print(f"schema {doc['schema']}: {vol['name']} generation {vol['generation']}, stale {vol['stale']}, "
+              f"last success sent {vol['last_success']['bytes_sent']} bytes")
+        if vol["stale"] or vol["last_success"]["command"] != "sync":
+            raise DemoFailed("status --json does not show the sync that just succeeded")
+        self.lvmirror("status", "--max-age", "1s", expect=2)
+        print("a limit of 1 s: exit 2 (CRITICAL), naming the volume")
+        text = self.metrics.read_text()
+        print(text)
+        if f'lvmirror_snapshot_cow_ratio{{volume="{LV}"}}' not in text:
+            raise DemoFailed("the metrics file has no COW series for the volume")
 
     def show_delta(self) -> None:
         step("the change as files: lvdeltafs")
