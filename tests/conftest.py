@@ -22,6 +22,8 @@ from tests.harness import Sshd, VolumeGroup, start_sshd, wait_for_mount
 
 IN_VM = os.environ.get("LVMIRROR_IN_VM") == "1"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# scripts/test's second host run: the Debian package as installed, under Debian's Python.
+INSTALLED = os.environ.get("LVMIRROR_TEST_INSTALLED") == "1"
 
 
 def _cannot_run(reason: str) -> None:
@@ -30,7 +32,20 @@ def _cannot_run(reason: str) -> None:
     pytest.skip(reason)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The installed run must test the installed package, not the checkout beside it."""
+    if INSTALLED:
+        import lvdeltafs
+        import lvmirror
+        for module in (lvmirror, lvdeltafs):
+            if not module.__file__.startswith("/usr/lib/python3/dist-packages/"):
+                pytest.exit(f"LVMIRROR_TEST_INSTALLED=1 but {module.__name__} comes from {module.__file__}: "
+                            "run pytest with --import-mode=append, as scripts/test does", returncode=4)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("installed") and not INSTALLED:
+        _cannot_run("tests the installed Debian package: scripts/test runs it after scripts/build-deb")
     if item.get_closest_marker("lvm") and not IN_VM:
         _cannot_run("needs real LVM: run inside the VM with scripts/test or "
                     "scripts/lvm-vm -- .venv/bin/pytest -m lvm ...")
