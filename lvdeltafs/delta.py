@@ -104,6 +104,9 @@ class Delta:
     target: TargetReader
     point_in_time: bool = True
     notes: list[str] = field(default_factory=list)
+    # Bytes of the source's data ranges found equal to the base and left out (lvdeltafs.exact);
+    # None when the delta was not refined.
+    unchanged_bytes: int | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         return self.target.pread(offset, length)

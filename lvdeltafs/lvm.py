@@ -307,6 +307,27 @@ def pool_devices(vg: str, pool: str) -> PoolDevices:
     return PoolDevices(tpool, f"/dev/mapper/{tpool}", tmeta, f"/dev/mapper/{tmeta}")
 
 
+# LVM's size units (lvcreate(8), "UNIT"): either case, binary multiples, s a 512-byte sector.
+SIZE_UNITS = {"b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+              "e": 1 << 60}
+
+
+def size_in_bytes(text: str, default_unit: str = "m") -> int:
+    """Bytes in an LVM size such as ``12M``, ``1.5g`` or ``512``: the one reader of LVM's size grammar.
+
+    A plain number is in ``default_unit``: MiB, as ``lvcreate -L`` reads it, unless the caller
+    says otherwise.  Fractions are exact (no float rounding), then rounded down to whole bytes.
+    ValueError for anything LVM would not read as a size.
+    """
+    from fractions import Fraction
+    text = text.strip()
+    if not _SIZE_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a size (a number with an optional unit b, s, k, m, g, t, p or e)")
+    unit = text[-1].lower() if text[-1].isalpha() else default_unit
+    number = text[:-1] if text[-1].isalpha() else text
+    return int(Fraction(number) * SIZE_UNITS[unit])
+
+
 def _size_arg(size: int | str, what: str) -> str:
     if isinstance(size, bool):
         raise BadInput(f"{what} {size!r} is not a size")

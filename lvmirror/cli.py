@@ -10,7 +10,15 @@ from collections.abc import Callable
 import click
 
 from lvdeltafs import __version__
-from lvdeltafs.clisupport import VERBOSE_HELP, Duration, SafeName, check_input, run_group, setup_logging
+from lvdeltafs.clisupport import (
+    VERBOSE_HELP,
+    Duration,
+    SafeName,
+    check_input,
+    printable,
+    run_group,
+    setup_logging,
+)
 from lvdeltafs.errors import EXIT_STALE, LvError, Mismatch
 from lvmirror.completion import volume_names
 from lvmirror.config import ConfigError
@@ -20,6 +28,27 @@ log = logging.getLogger("lvmirror")
 DRY_RUN_HELP = "Say what would be sent and how much; keep no snapshot, write nothing."
 NAME = SafeName()  # refused if it holds control characters; shown escaped in every message
 CONFIG_HELP = "Configuration file (default: $LVMIRROR_CONFIG, else /etc/lvmirror/lvmirror.toml)."
+BWLIMIT_HELP = ("Cap the bytes sent per second for this run (12M, 500k, 1.5G: binary units; or plain "
+                "bytes), over the config's bwlimit; 0 lifts the cap.")
+
+
+class Rate(click.ParamType):
+    """A --bwlimit value: bytes per second, 0 for no cap (the option not given: the config decides)."""
+
+    name = "rate"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from lvmirror.bwlimit import parse_rate
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = str(value)
+        try:
+            return parse_rate(text) or 0
+        except ValueError as e:
+            self.fail(f"{printable(text)}: {e}", param, ctx)
+
+
+bwlimit_option = click.option("--bwlimit", type=Rate(), metavar="RATE", help=BWLIMIT_HELP)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,16 +72,21 @@ def _config(ctx: click.Context):
 
 
 def _locked(ctx: click.Context, name: str, job: Callable[..., object], *, record: str = "",
-            **kwargs: object) -> object:
+            bwlimit: int | None = None, **kwargs: object) -> object:
     """Run one pipeline for one volume under its lock.
 
     ``record``: the command to keep in the volume's record of runs (:mod:`lvmirror.runlog`), which
     `status` and the metrics file read; a dry run records nothing, nor a run that found the lock held.
+    ``bwlimit``: --bwlimit, over the volume's configured cap for this run (0 lifts it; None keeps it).
     """
+    import dataclasses
+
     from lvmirror import runlog
     from lvmirror.lock import volume_lock
     cfg = _config(ctx)
     vol = cfg.volume(name)
+    if bwlimit is not None:
+        vol = dataclasses.replace(vol, bwlimit=bwlimit or None)
     with volume_lock(cfg.lock_dir, vol.name):
         if not record or kwargs.get("dry_run"):
             return job(vol, **kwargs)
@@ -86,11 +120,12 @@ def _report(outcome) -> None:
 @cli.command()
 @click.argument("volume", type=NAME, shell_complete=volume_names)
 @click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
+@bwlimit_option
 @click.pass_context
-def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
+def init(ctx: click.Context, volume: str, dry_run: bool, bwlimit: int | None = None) -> None:
     """First full copy of VOLUME to its destination (zero runs skipped)."""
     from lvmirror import pipelines
-    _report(_locked(ctx, volume, pipelines.init, record="init", dry_run=dry_run))
+    _report(_locked(ctx, volume, pipelines.init, record="init", bwlimit=bwlimit, dry_run=dry_run))
 
 
 @cli.command()
@@ -100,9 +135,10 @@ def init(ctx: click.Context, volume: str, dry_run: bool) -> None:
 @click.option("--check", "check_", is_flag=True, help="The same as `lvmirror check VOLUME`.")
 @click.option("--repair", is_flag=True, help="With --check: send the blocks that differ.")
 @click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
+@bwlimit_option
 @click.pass_context
 def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, check_: bool, repair: bool,
-         dry_run: bool) -> None:
+         dry_run: bool, bwlimit: int | None) -> None:
     """Bring VOLUME's destination (or --all) up to a new snapshot, sending only what changed."""
     if bool(volume) == all_:
         raise click.UsageError("name one VOLUME or give --all")
@@ -119,12 +155,13 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
         for name in names:
             try:
                 if check_:
-                    ctx.invoke(check, volume=name, repair=repair)
+                    ctx.invoke(check, volume=name, repair=repair, bwlimit=bwlimit)
                 elif initial:
-                    ctx.invoke(init, volume=name, dry_run=dry_run)
+                    ctx.invoke(init, volume=name, dry_run=dry_run, bwlimit=bwlimit)
                 else:
                     from lvmirror import pipelines
-                    _report(_locked(ctx, name, pipelines.sync, record="sync", dry_run=dry_run))
+                    _report(_locked(ctx, name, pipelines.sync, record="sync", bwlimit=bwlimit,
+                                    dry_run=dry_run))
             except LvError as e:
                 if not all_:
                     raise
@@ -141,13 +178,14 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
 @cli.command()
 @click.argument("volume", type=NAME, shell_complete=volume_names)
 @click.option("--repair", is_flag=True, help="Send just the blocks that differ, from the snapshot.")
+@bwlimit_option
 @click.pass_context
-def check(ctx: click.Context, volume: str, repair: bool) -> None:
+def check(ctx: click.Context, volume: str, repair: bool, bwlimit: int | None = None) -> None:
     """Compare VOLUME's destination with the snapshot it should hold; exit 6 on differences.
 
     Prints the ranges that differ, one per line: OFFSET LENGTH data|zero.
     """
-    _locked(ctx, volume, _check, record="repair" if repair else "check", repair=repair)
+    _locked(ctx, volume, _check, record="repair" if repair else "check", bwlimit=bwlimit, repair=repair)
 
 
 def _check(vol, *, repair: bool):
@@ -246,8 +284,9 @@ def _status_text(st) -> str:
               "(default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa).")
 @click.option("--known-hosts", type=NAME, help="known_hosts file for an ssh:// DEST "
               "(default: ~/.ssh/known_hosts); the host key must be in it.")
+@bwlimit_option
 def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: str | None,
-          known_hosts: str | None) -> None:
+          known_hosts: str | None, bwlimit: int | None) -> None:
     """Apply DELTA (a delta directory or stream file) to DEST with the receiver's checks.
 
     DEST is an image file, a block device, or ssh://[user@]host[:port]/path.
@@ -255,7 +294,7 @@ def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: st
     from lvmirror import pipelines
     check_input(delta, "delta", (stat.S_IFREG, stat.S_IFDIR), missing="no such delta file or directory")
     ssh = _ssh_options(ssh_key, known_hosts)
-    outcome = pipelines.apply_file(delta, dest, state_dir, force=force, ssh=ssh)
+    outcome = pipelines.apply_file(delta, dest, state_dir, force=force, ssh=ssh, bwlimit=bwlimit or None)
     _report(outcome)
     if force:
         pipelines.check_after_force(outcome, dest, state_dir, ssh)

@@ -27,6 +27,7 @@ from lvdeltafs.errors import (
     UnsupportedFormat,
 )
 from lvdeltafs.formats.stream import StreamError, StreamLayout, StreamReader
+from lvmirror.bwlimit import TokenBucket, estimate
 from lvmirror.remote import wire
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ class ReceiverClient:
 
     ``where`` names the far side in messages; ``on_close`` ends the transport;
     ``diagnostics`` returns the receiver's stderr so far, if the transport
-    keeps it, to explain a receiver that went away.
+    keeps it, to explain a receiver that went away.  :meth:`set_bwlimit` caps
+    the rate of the delta bytes sent (the requests and replies around them are tiny).
     """
 
     def __init__(self, rfile: BinaryIO, wfile: BinaryIO, *, where: str = "receiver",
@@ -212,6 +214,21 @@ class ReceiverClient:
         self.diagnostics = diagnostics
         self.bytes_sent = 0  # stream bytes sent by the last send_delta
         self.closed = False
+        self.limit: TokenBucket | None = None
+
+    @property
+    def bwlimit(self) -> int | None:
+        """The cap on the delta bytes sent, in bytes per second (None: none)."""
+        return self.limit.rate if self.limit else None
+
+    def set_bwlimit(self, rate: int | None) -> None:
+        """Cap the delta bytes this session sends to ``rate`` bytes per second; None lifts the cap."""
+        if not rate:
+            self.limit = None
+        elif self.limit:
+            self.limit.set_rate(rate)
+        else:
+            self.limit = TokenBucket(rate)
 
     # -- plumbing
 
@@ -280,16 +297,31 @@ class ReceiverClient:
         return self._stream_bulk(source, start, progress)
 
     def _stream_bulk(self, source: StreamSource, offset: int, progress: Callable[[int], None] | None) -> dict:
+        """Send the stream from ``offset`` as frames; every delta byte sent anywhere goes through here.
+
+        With a cap, each frame is at most one burst of the token bucket, paid
+        for before it is written and flushed at once, so the bytes leave at
+        the bucket's pace rather than whenever the writer's 1 MiB buffer fills.
+        """
         self.bytes_sent = 0
         failure: BaseException | None = None
+        limit = self.limit
+        piece = min(FRAME_BYTES, limit.burst) if limit else FRAME_BYTES
+        if limit:  # the progress line is drawn on a terminal only: say it in the log too
+            log.info("to the %s: %s", self.where, estimate(source.size - offset, limit.rate))
         try:
             for blk in source.read_from(offset):
                 view = memoryview(blk)
-                for p in range(0, len(view), FRAME_BYTES):
-                    self.chan.write_frame(view[p:p + FRAME_BYTES])
+                for p in range(0, len(view), piece):
+                    frame = view[p:p + piece]
+                    if limit:
+                        limit.take(len(frame))
+                    self.chan.write_frame(frame)
+                    if limit:
+                        self.chan.flush()
+                    if progress:
+                        progress(len(frame))
                 self.bytes_sent += len(blk)
-                if progress:
-                    progress(len(blk))
         except (BrokenPipeError, ConnectionError) as e:
             raise self._lost(f"while sending the delta ({_why(e)})") from None
         except Exception as e:  # the source failed (disk, snapshot gone): end the bulk cleanly, then re-raise

@@ -6,6 +6,8 @@
     lock_dir = "/run/lock/lvmirror"           # one lock file per volume
     work_dir = "/var/lib/lvmirror"            # ranges of deltas in flight, and each volume's last runs
     metrics_file = "/var/lib/prometheus/node-exporter/lvmirror.prom"   # optional: Prometheus textfile
+    bwlimit = "12M"                           # optional: a cap on the bytes sent per second
+    exact = true                              # send only the 4 KiB blocks that differ from the base
 
     [volume.web]
     vg = "vg0"
@@ -54,7 +56,7 @@ DEFAULT_WORK_DIR = "/var/lib/lvmirror"
 
 # Keys a [volume.NAME] table may hold; [defaults] may hold all but the per-volume ones.
 VOLUME_ONLY = ("vg", "lv", "destination")
-SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts")
+SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts", "bwlimit", "exact")
 DEFAULTS_ONLY = ("lock_dir", "work_dir", "metrics_file")
 VOLUME_KEYS = VOLUME_ONLY + SHARED_KEYS
 DEFAULTS_KEYS = SHARED_KEYS + DEFAULTS_ONLY
@@ -80,6 +82,8 @@ class VolumeConfig:
     known_hosts: str | None
     source_file: str  # the config file, for error messages
     work_dir: str = DEFAULT_WORK_DIR
+    bwlimit: int | None = None  # bytes per second of delta sent (None: no cap); see lvmirror.bwlimit
+    exact: bool = False  # send only the 4 KiB blocks that differ from the base (see lvdeltafs.exact)
 
     @property
     def spool(self) -> str:
@@ -287,6 +291,8 @@ def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str
         known_hosts=_opt_path(merged.get("known_hosts"), f"{where} known_hosts"),
         source_file=path,
         work_dir=_abs_path(defaults.get("work_dir", DEFAULT_WORK_DIR), f"{shown}: [defaults] work_dir"),
+        bwlimit=_bwlimit(body, defaults, where, shown),
+        exact=_bool(merged.get("exact", False), f"{where} exact"),
     )
 
 
@@ -338,6 +344,29 @@ def _size(value: Any, where: str) -> str | None:
         check_text(value, where)
     if not isinstance(value, str) or not _SIZE.fullmatch(value) or float(re.sub(r"[^0-9.]", "", value)) <= 0:
         raise ConfigError(f"{where}: {shown_value(value)} is not a size (use e.g. \"1G\", \"512M\" or bytes)")
+    return value
+
+
+def _bwlimit(body: dict[str, Any], defaults: dict[str, Any], where: str, shown: str) -> int | None:
+    """The volume's cap in bytes per second, else [defaults]'s; an error names the table it is in."""
+    from lvmirror.bwlimit import parse_rate
+    value, where = (body["bwlimit"], where) if "bwlimit" in body else (defaults.get("bwlimit"),
+                                                                       f"{shown}: [defaults]")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        check_text(value, f"{where} bwlimit")
+    try:
+        return parse_rate(value)
+    except ValueError as e:
+        raise ConfigError(f"{where} bwlimit: {shown_value(value)}: {e}") from None
+
+
+def _bool(value: Any, where: str) -> bool:
+    """A TOML boolean: true or false, never a string or number that looks like one."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false (a TOML boolean, unquoted), "
+                          f"not {shown_value(value)}")
     return value
 
 

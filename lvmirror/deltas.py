@@ -3,21 +3,25 @@
 - init:    base "" (an empty destination) and the snapshot's non-zero blocks (thin: mapped blocks);
 - resync:  block digests of the destination against the new snapshot; its base names the
            destination's present content (the receiver's token), so it applies to nothing else;
-- repair:  the same, against the snapshot the destination holds.
+- repair:  the same, against the snapshot the destination holds;
+- exact:   an incremental's ranges cut down to the 4 KiB blocks that differ from its base (``exact = true``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 
-from lvdeltafs import lvm
+from lvdeltafs import exact, lvm
 from lvdeltafs.delta import Delta, FileReader, Identity
 from lvdeltafs.extents import DATA, ZERO, Extents
 from lvdeltafs.sources import compare
 from lvmirror.client import Hello, ReceiverClient
-from lvmirror.progress import Progress
+from lvmirror.progress import Progress, human
+
+log = logging.getLogger(__name__)
 
 BLOCK_SIZE = compare.DEFAULT_BLOCK_SIZE
 
@@ -104,3 +108,22 @@ def compare_extents(client: ReceiverClient, path: str, size: int, block_size: in
     _, covered, dest = destination_digests(client, size, block_size)
     src = source_digests(path, size, block_size)
     return compare.diff_digests(dest, src, block_size, covered, size)
+
+
+def exact_delta(delta: Delta, base_path: str, label: str) -> Delta:
+    """``exact = true``: the incremental ``delta`` with only the 4 KiB blocks that differ from its base.
+
+    Both snapshots are on this host, so this costs a local read of the changed
+    ranges on each side, not the link.  The identity stays (see
+    :func:`lvdeltafs.exact.refine_delta`).  On failure ``delta`` is closed.
+    """
+    try:
+        with Progress(f"{label}: comparing with the base", delta.extents.data_bytes) as bar:
+            refined = exact.refine_delta(delta, base_path, progress=bar.update)
+    except BaseException:
+        delta.close()
+        raise
+    log.info("%s: exact: %s of the %s marked changed hold the same bytes as the base; %s to send",
+             label, human(refined.unchanged_bytes or 0), human(delta.extents.data_bytes),
+             human(refined.extents.data_bytes))
+    return refined

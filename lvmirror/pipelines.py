@@ -51,13 +51,23 @@ class Outcome:
     generation: int | None = None  # the destination's generation after it (None: not applied, or unknown)
     # A classic base's COW use as the sync found it, before replacing it: how full it got between runs.
     base_cow_percent: float | None = None
+    # exact = true: bytes the source marked changed but found equal to the base, so not sent (None: not on).
+    unchanged_bytes: int | None = None
+    bwlimit: int | None = None  # the cap it ran (or would run) under, bytes per second
+    stream_bytes: int = 0  # the bytes of the delta stream (a dry run under a cap: for its time estimate)
 
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"
         text = (f"{self.volume}: {self.action} {verb} {human(self.data_bytes)} of data in "
                 f"{self.ranges} ranges and {human(self.zero_bytes)} of zeros")
+        if self.unchanged_bytes is not None:
+            text += (f" (exact: {human(self.unchanged_bytes)} unchanged "
+                     f"{'would not be' if self.dry_run else 'not'} sent)")
         if self.target and not self.dry_run:
             text += f"; the destination now holds {self.target}"
+        if self.dry_run and self.bwlimit:
+            from lvmirror.bwlimit import estimate
+            text += f"; {estimate(self.stream_bytes, self.bwlimit)}"
         return text
 
 
@@ -76,7 +86,7 @@ class CheckResult:
 def _outcome(vol_name: str, action: str, delta: Delta, dry_run: bool) -> Outcome:
     e = delta.extents
     return Outcome(vol_name, action, delta.identity.target, e.data_bytes, e.zero_bytes, len(e), dry_run,
-                   list(delta.notes))
+                   list(delta.notes), unchanged_bytes=delta.unchanged_bytes)
 
 
 # ---- the receiver -----------------------------------------------------------
@@ -85,7 +95,7 @@ def _outcome(vol_name: str, action: str, delta: Delta, dry_run: bool) -> Outcome
 def volume_receiver(vol: VolumeConfig) -> Iterator[ReceiverClient]:
     """The volume's receiver, reached the way its destination says."""
     dest = vol.destination.raw if vol.destination.is_ssh else vol.destination.path
-    with receiver_for(dest, vol.state_dir, SshOptions(vol.ssh_key, vol.known_hosts)) as client:
+    with receiver_for(dest, vol.state_dir, SshOptions(vol.ssh_key, vol.known_hosts), vol.bwlimit) as client:
         yield client
 
 
@@ -127,7 +137,7 @@ def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = Fals
     delta_id = delta.identity.delta_id
     if spool_dir:
         spool.save(spool_dir, delta_id, delta.extents)
-    with Progress(label, layout.size) as bar:
+    with Progress(label, layout.size, cap=client.bwlimit) as bar:
         client.send_delta(LayoutSource(layout, delta.read), delta_id, force=force, progress=bar.update)
     reply = client.apply()
     if spool_dir:
@@ -182,6 +192,9 @@ def _send_new(vol: VolumeConfig, client: ReceiverClient, snap: lvm.LogicalVolume
         delta = make()
         out = _outcome(vol.name, action, delta, dry_run)
         out.notes.extend(notes)
+        out.bwlimit = vol.bwlimit
+        if dry_run and vol.bwlimit:
+            out.stream_bytes = files.stream_layout(delta).size
         if not dry_run:
             out.generation = applied_generation(send(client, delta, f"{vol.name}: {action}",
                                                      spool_dir=vol.spool))
@@ -247,7 +260,7 @@ def sync(vol: VolumeConfig, *, dry_run: bool = False) -> Outcome:
                         "differing blocks sent)", vol.name, problem)
         snap = snapshots.take(vol, source)
         usable = base is not None and base.usable
-        out = _send_new(vol, client, snap, lambda: _sync_delta(client, greeting, base, source, snap),
+        out = _send_new(vol, client, snap, lambda: _sync_delta(vol, client, greeting, base, source, snap),
                         "sync" if usable else "resync", dry_run, () if usable else (problem,))
         out.base_cow_percent = base_cow
         return out
@@ -261,11 +274,13 @@ def _check_same_volume(vol: VolumeConfig, greeting: Hello, source: lvm.LogicalVo
                       f"{vol.vg_lv} ({source.uuid}); point the config at the right destination")
 
 
-def _sync_delta(client: ReceiverClient, greeting: Hello, base: snapshots.BaseCheck | None,
+def _sync_delta(vol: VolumeConfig, client: ReceiverClient, greeting: Hello, base: snapshots.BaseCheck | None,
                 source: lvm.LogicalVolume, snap: lvm.LogicalVolume) -> Delta:
     if base is not None and base.usable:
         assert base.snapshot is not None
-        return pairs.lvm_delta(base.snapshot.vg_lv, snap.vg_lv)
+        delta = pairs.lvm_delta(base.snapshot.vg_lv, snap.vg_lv)
+        # Refined before send() builds the stream and spools its ranges: a resume rebuilds from those.
+        return deltas.exact_delta(delta, base.snapshot.path, vol.name) if vol.exact else delta
     return deltas.compare_delta(client, greeting, source.uuid, snap.snapshot_id, snap.path,
                                 snapshots.size_of(snap))
 
@@ -280,6 +295,7 @@ def _resume_staged(vol: VolumeConfig, client: ReceiverClient, greeting: Hello) -
     if staged is None or staged.identity["base"] not in (greeting.holds, greeting.token):
         return False
     target = snapshots.find(snapshots.owned_snapshots(vol), staged.target)
+    # The ranges as they were sent (an exact delta's refined ones): never found, or compared, again.
     extents = spool.load(vol.spool, staged.delta_id, staged.identity["target_size"])
     if target is None or target.is_invalid or extents is None:
         log.info("%s: the receiver holds part of a delta to %s that cannot be rebuilt exactly; this run's "
@@ -362,14 +378,17 @@ def stream_path(delta_path: str) -> str:
 
 
 def apply_file(delta_path: str, dest: str, state_dir: str | None = None, *, force: bool = False,
-               ssh: SshOptions | None = None) -> Outcome:
-    """Apply a delta stream (or directory) to a destination with the receiver's checks."""
+               ssh: SshOptions | None = None, bwlimit: int | None = None) -> Outcome:
+    """Apply a delta stream (or directory) to a destination with the receiver's checks.
+
+    ``bwlimit``: a cap on the bytes sent per second (None: none).
+    """
     path = stream_path(delta_path)
     summary = verify_path(delta_path)  # a damaged copy is refused before the receiver is asked
     source = FileSource(path)
     header = stream_header(source)
-    with receiver_for(dest, state_dir, ssh) as client:
-        with Progress(f"{os.path.basename(dest)}: apply", source.size) as bar:
+    with receiver_for(dest, state_dir, ssh, bwlimit) as client:
+        with Progress(f"{os.path.basename(dest)}: apply", source.size, cap=bwlimit) as bar:
             client.send_delta(source, header["delta_id"], force=force, progress=bar.update)
         client.apply()
     ident = header.get("identity") or {}

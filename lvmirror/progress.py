@@ -28,12 +28,15 @@ class Progress:
     """Counts bytes; draws one self-overwriting line on stderr when it is a terminal.
 
     ``update`` may be called from worker threads (block digests are computed
-    on several), so the count is kept under a lock.
+    on several), so the count is kept under a lock.  ``cap``: the bandwidth cap
+    in bytes per second, shown beside the rate so a slow transfer explains itself.
     """
 
-    def __init__(self, label: str, total: int, stream: TextIO | None = None, enabled: bool | None = None):
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, enabled: bool | None = None,
+                 cap: int | None = None):
         self.label = label
         self.total = total
+        self.cap = cap
         self.done = 0
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
@@ -58,6 +61,8 @@ class Progress:
             pct = 100.0 * self.done / self.total
             text += f" of {human(self.total)} ({pct:.0f}%)"
         text += f", {human(rate)}/s"
+        if self.cap:
+            text += f" (cap {human(self.cap)}/s)"
         if self.total and rate > 0 and self.done < self.total:
             text += f", {_duration((self.total - self.done) / rate)} left"
         return text

@@ -158,8 +158,13 @@ class SshTransport:
 
 
 @contextmanager
-def receiver_for(dest: str, state_dir: str | None, ssh: SshOptions | None = None) -> Iterator[ReceiverClient]:
-    """A receiver for ``dest`` for the length of the block: a local subprocess, or shipped over ssh."""
+def receiver_for(dest: str, state_dir: str | None, ssh: SshOptions | None = None,
+                 bwlimit: int | None = None) -> Iterator[ReceiverClient]:
+    """A receiver for ``dest`` for the length of the block: a local subprocess, or shipped over ssh.
+
+    ``bwlimit``: a cap on the delta bytes sent per second, for either transport (a local
+    USB disk may need one as much as a slow link).
+    """
     transport: LocalTransport | SshTransport
     if dest.startswith("ssh://"):
         ssh = ssh or SshOptions()
@@ -167,4 +172,5 @@ def receiver_for(dest: str, state_dir: str | None, ssh: SshOptions | None = None
     else:
         transport = LocalTransport(dest, state_dir)
     with transport as client:
+        client.set_bwlimit(bwlimit)
         yield client

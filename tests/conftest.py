@@ -5,6 +5,10 @@
   under CI=true, where a test that cannot reach real LVM is a failure.
 - ``fuse`` and ``ssh`` tests run on the host against a real /dev/fuse and a
   real sshd on 127.0.0.1; a missing piece is likewise a failure under CI.
+- ``netns`` tests make a network namespace behind a tbf-shaped veth pair (a slow
+  link on this host) and run a real sshd inside it; they need root, ``ip`` and
+  ``tc``, and a kernel with network namespaces, veth and tbf.  Likewise a
+  failure under CI when any of that is missing.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Sshd, VolumeGroup, start_sshd, wait_for_mount
+from tests.harness import ShapedLink, Sshd, VolumeGroup, start_sshd, wait_for_mount
 
 IN_VM = os.environ.get("LVMIRROR_IN_VM") == "1"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -53,6 +57,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         _cannot_run("needs /dev/fuse and fusermount3 (scripts/setup installs fuse3)")
     if item.get_closest_marker("ssh") and not os.path.exists("/usr/sbin/sshd"):
         _cannot_run("needs /usr/sbin/sshd (scripts/setup installs openssh-server)")
+    if item.get_closest_marker("netns") and not (os.geteuid() == 0 and shutil.which("ip")
+                                                 and shutil.which("tc")):
+        _cannot_run("needs root, ip and tc (iproute2) to make a network namespace with a shaped link")
 
 
 _vg_numbers = itertools.count(1)
@@ -86,6 +93,28 @@ def sshd(tmp_path_factory) -> Sshd:
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def shaped_sshd(tmp_path_factory) -> tuple[ShapedLink, Sshd]:
+    """A real sshd inside a network namespace, reached over a tbf-shaped veth (80 Mbit/s each way).
+
+    Everything is torn down after: sshd stopped, the namespace deleted (the veth pair goes with it).
+    """
+    try:
+        link = ShapedLink.create()
+    except AssertionError as e:  # a command failed: this host cannot make the link
+        _cannot_run(f"cannot make a network namespace with a tbf-shaped veth here: {e}")
+    server = None
+    try:
+        server = start_sshd(tmp_path_factory.mktemp("shaped-sshd"), link.ns_ip, link.exec_prefix())
+        yield link, server
+    finally:
+        if server is not None:
+            server.stop()
+        problem = link.destroy()
+    if problem:
+        pytest.fail(f"tearing down the shaped link failed: {problem}")
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
-"""What the suites share: a loop-device VG, a real sshd, mount waits, deltas for the receiver, a hostile
-user, and lvmirror on real LVM (the fixtures in conftest.py are built on these)."""
+"""What the suites share: a loop-device VG, a real sshd (on 127.0.0.1, or behind a shaped link in a network
+namespace), mount waits, deltas for the receiver, a hostile user, and lvmirror on real LVM (the fixtures
+in conftest.py are built on these)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -14,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +145,11 @@ def keygen(path: Path) -> None:
     sh("ssh-keygen", "-q", "-N", "", "-t", "ed25519", "-C", "lvmirror-test", "-f", str(path))
 
 
-def start_sshd(workdir: Path) -> Sshd:
-    """Start sshd -D on 127.0.0.1 with fresh keys; returns once it sends its banner."""
+def start_sshd(workdir: Path, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> Sshd:
+    """Start sshd -D listening on ``host`` with fresh keys; returns once it sends its banner.
+
+    ``prefix`` runs it through another command, such as ``ip netns exec NS`` (see :class:`ShapedLink`).
+    """
     workdir.chmod(0o700)
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     host_key, client_key = workdir / "host_key", workdir / "client_key"
@@ -156,19 +161,20 @@ def start_sshd(workdir: Path) -> Sshd:
     port = free_port()
     host_pub = (workdir / "host_key.pub").read_text().split()
     known_hosts = workdir / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    known_hosts.write_text(f"[{host}]:{port} {host_pub[0]} {host_pub[1]}\n")
     with open(workdir / "sshd.log", "wb") as log:
-        proc = _popen_sshd(port, host_key, authorized, log)
-    wait_for_banner(port, proc, workdir / "sshd.log")
-    return Sshd("127.0.0.1", port, os.environ.get("USER") or "root", client_key, known_hosts,
+        proc = _popen_sshd(port, host_key, authorized, log, host, prefix)
+    wait_for_banner(port, proc, workdir / "sshd.log", host=host)
+    return Sshd(host, port, os.environ.get("USER") or "root", client_key, known_hosts,
                 f"{host_pub[0]} {host_pub[1]}", proc, workdir)
 
 
-def _popen_sshd(port: int, host_key: Path, authorized: Path, log) -> subprocess.Popen:
+def _popen_sshd(port: int, host_key: Path, authorized: Path, log, host: str = "127.0.0.1",
+                prefix: Sequence[str] = ()) -> subprocess.Popen:
     return subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null", "-p", str(port),
+        [*prefix, "/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null", "-p", str(port),
          "-o", f"HostKey={host_key}", "-o", f"AuthorizedKeysFile={authorized}",
-         "-o", "ListenAddress=127.0.0.1", "-o", "PidFile=none", "-o", "PermitRootLogin=prohibit-password",
+         "-o", f"ListenAddress={host}", "-o", "PidFile=none", "-o", "PermitRootLogin=prohibit-password",
          "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
          "-o", "MaxStartups=100", "-o", "MaxSessions=50",
          # The keys live under /tmp (sticky, world-writable), which StrictModes refuses.
@@ -177,18 +183,88 @@ def _popen_sshd(port: int, host_key: Path, authorized: Path, log) -> subprocess.
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def wait_for_banner(port: int, proc: subprocess.Popen, logfile: Path, timeout: float = 15.0) -> None:
+def wait_for_banner(port: int, proc: subprocess.Popen, logfile: Path, timeout: float = 15.0,
+                    host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"sshd exited ({proc.returncode}): {logfile.read_text()}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            with socket.create_connection((host, port), timeout=1) as s:
                 if s.recv(64).startswith(b"SSH-2.0"):
                     return
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"sshd sent no banner within {timeout} s: {logfile.read_text()}")
+
+
+_links = itertools.count()
+
+
+@dataclass
+class ShapedLink:
+    """A slow link on this host: a network namespace behind a veth pair shaped by tbf at both ends.
+
+    The host side is ``host_ip``/30 on ``host_dev``; inside the namespace, ``ns_ip``/30 on
+    ``ns_dev``, and ``lo`` up.  What the host sends into the namespace leaves through
+    ``host_dev``'s tbf, what comes back through ``ns_dev``'s.  Names carry this process's id
+    and the subnet is derived from it, so two test runs on one host do not collide.
+    ``destroy()`` deletes the namespace, and the veth pair goes with it.
+    """
+
+    netns: str
+    host_dev: str
+    ns_dev: str
+    host_ip: str
+    ns_ip: str
+    rate: str
+
+    @classmethod
+    def create(cls, rate: str = "80mbit", burst: str = "64kb", latency: str = "50ms") -> ShapedLink:
+        n = next(_links)
+        pid = os.getpid()
+        base = ((pid * 4 + n) % 16384) * 4  # a /30 of 10.213.0.0/16
+        net = f"10.213.{base >> 8}"
+        link = cls(f"lvm-shaped-{pid}-{n}", f"lvs{pid}x{n}h", f"lvs{pid}x{n}n", f"{net}.{(base & 255) + 1}",
+                   f"{net}.{(base & 255) + 2}", rate)
+        sh("ip", "netns", "add", link.netns)
+        try:
+            sh("ip", "link", "add", link.host_dev, "type", "veth", "peer", "name", link.ns_dev,
+               "netns", link.netns)
+            sh("ip", "addr", "add", f"{link.host_ip}/30", "dev", link.host_dev)
+            sh("ip", "link", "set", link.host_dev, "up")
+            inside = link.exec_prefix()
+            sh(*inside, "ip", "addr", "add", f"{link.ns_ip}/30", "dev", link.ns_dev)
+            sh(*inside, "ip", "link", "set", link.ns_dev, "up")
+            sh(*inside, "ip", "link", "set", "lo", "up")
+            tbf = ("root", "tbf", "rate", rate, "burst", burst, "latency", latency)
+            sh("tc", "qdisc", "add", "dev", link.host_dev, *tbf)
+            sh(*inside, "tc", "qdisc", "add", "dev", link.ns_dev, *tbf)
+        except BaseException:
+            link.destroy()
+            raise
+        return link
+
+    def exec_prefix(self) -> list[str]:
+        """Run a command inside the namespace."""
+        return ["ip", "netns", "exec", self.netns]
+
+    def qdisc(self) -> str:
+        """``tc qdisc show`` of the host side (the data direction): proof the shaper is there."""
+        return sh("tc", "qdisc", "show", "dev", self.host_dev)
+
+    def tx_bytes(self) -> int:
+        """Bytes the host has sent into the namespace (everything: IP, TCP and ssh framing too)."""
+        return int(Path(f"/sys/class/net/{self.host_dev}/statistics/tx_bytes").read_text())
+
+    def destroy(self) -> str:
+        """Remove the namespace (and so the veth pair); returns a problem description, or '' when clean."""
+        proc = subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, text=True)
+        subprocess.run(["ip", "link", "del", self.host_dev], capture_output=True)  # normally gone already
+        problems = [] if proc.returncode == 0 else [f"ip netns del {self.netns}: {proc.stderr.strip()}"]
+        if os.path.exists(f"/sys/class/net/{self.host_dev}"):
+            problems.append(f"{self.host_dev} is still there")
+        return "; ".join(problems)
 
 
 def wait_for_mount(mountpoint: Path, proc: subprocess.Popen, timeout: float) -> None:

@@ -666,6 +666,8 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
                                                                "lock_dir", "work_dir")},
     "metrics_file": _mostly(st.sampled_from(['"/var/lib/node/lvmirror.prom"', '"/x.prom"', '"/x.txt"',
                                              '"rel.prom"', '"/d/.prom"', '"/d/x.prom/"'])),
+    "bwlimit": _mostly(st.sampled_from(['"12M"', '"off"', "0", "4194304", '"-1M"', '"12"', '"2T"', '"1s"'])),
+    "exact": _mostly(st.sampled_from(["true", "false", '"true"', "1"])),
 }
 
 
