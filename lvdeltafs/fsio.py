@@ -211,10 +211,11 @@ class Folder:
                 continue
 
     def replace(self, name: str, data: bytes, mode: int = 0o600) -> None:
-        """Replace ``name`` with ``data`` atomically and durably."""
+        """Replace ``name`` with ``data`` atomically and durably; its mode is ``mode``, whatever the umask."""
         tmp, fd = self.create_temp(name, mode)
         try:
             try:
+                os.fchmod(fd, mode)  # the umask narrowed the mode open() gave
                 write_all(fd, data)
                 os.fsync(fd)
             finally:

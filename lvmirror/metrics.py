@@ -166,11 +166,7 @@ def write(cfg: Config, space: SpaceOf = lvm_space) -> None:
             text = render(collect(cfg, space))
             # Not created: node_exporter's folder is made by its package, readable by the collector.
             with Folder(directory) as folder:
-                old = os.umask(0o022)  # so the mode is 0644 under cron's or systemd's umask too
-                try:
-                    folder.replace(name, text.encode(), 0o644)
-                finally:
-                    os.umask(old)
+                folder.replace(name, text.encode(), 0o644)  # 0644 under cron's or systemd's umask too
         finally:
             os.close(fd)
     except Locked as e:
