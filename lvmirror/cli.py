@@ -21,6 +21,7 @@ from lvdeltafs.clisupport import (
 )
 from lvdeltafs.errors import EXIT_STALE, LvError, Mismatch
 from lvmirror.completion import volume_names
+from lvmirror.compression import MODES as COMPRESS_MODES
 from lvmirror.config import ConfigError
 
 log = logging.getLogger("lvmirror")
@@ -49,6 +50,8 @@ class Rate(click.ParamType):
 
 
 bwlimit_option = click.option("--bwlimit", type=Rate(), metavar="RATE", help=BWLIMIT_HELP)
+compress_option = click.option("--compress", type=click.Choice(COMPRESS_MODES),
+                               help="Compress the stream: auto, off or zlib, over the config's `compress`.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,12 +75,13 @@ def _config(ctx: click.Context):
 
 
 def _locked(ctx: click.Context, name: str, job: Callable[..., object], *, record: str = "",
-            bwlimit: int | None = None, **kwargs: object) -> object:
+            bwlimit: int | None = None, compress: str | None = None, **kwargs: object) -> object:
     """Run one pipeline for one volume under its lock.
 
     ``record``: the command to keep in the volume's record of runs (:mod:`lvmirror.runlog`), which
     `status` and the metrics file read; a dry run records nothing, nor a run that found the lock held.
-    ``bwlimit``: --bwlimit, over the volume's configured cap for this run (0 lifts it; None keeps it).
+    ``bwlimit``: --bwlimit, over the volume's configured cap for this run (0 lifts it; None keeps it);
+    ``compress``: --compress, over the volume's configured mode (None keeps it).
     """
     import dataclasses
 
@@ -87,6 +91,8 @@ def _locked(ctx: click.Context, name: str, job: Callable[..., object], *, record
     vol = cfg.volume(name)
     if bwlimit is not None:
         vol = dataclasses.replace(vol, bwlimit=bwlimit or None)
+    if compress is not None:
+        vol = dataclasses.replace(vol, compress=compress)
     with volume_lock(cfg.lock_dir, vol.name):
         if not record or kwargs.get("dry_run"):
             return job(vol, **kwargs)
@@ -121,11 +127,14 @@ def _report(outcome) -> None:
 @click.argument("volume", type=NAME, shell_complete=volume_names)
 @click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
 @bwlimit_option
+@compress_option
 @click.pass_context
-def init(ctx: click.Context, volume: str, dry_run: bool, bwlimit: int | None = None) -> None:
+def init(ctx: click.Context, volume: str, dry_run: bool, bwlimit: int | None = None,
+         compress: str | None = None) -> None:
     """First full copy of VOLUME to its destination (zero runs skipped)."""
     from lvmirror import pipelines
-    _report(_locked(ctx, volume, pipelines.init, record="init", bwlimit=bwlimit, dry_run=dry_run))
+    _report(_locked(ctx, volume, pipelines.init, record="init", bwlimit=bwlimit, compress=compress,
+                    dry_run=dry_run))
 
 
 @cli.command()
@@ -136,9 +145,10 @@ def init(ctx: click.Context, volume: str, dry_run: bool, bwlimit: int | None = N
 @click.option("--repair", is_flag=True, help="With --check: send the blocks that differ.")
 @click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
 @bwlimit_option
+@compress_option
 @click.pass_context
 def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, check_: bool, repair: bool,
-         dry_run: bool, bwlimit: int | None) -> None:
+         dry_run: bool, bwlimit: int | None, compress: str | None) -> None:
     """Bring VOLUME's destination (or --all) up to a new snapshot, sending only what changed."""
     if bool(volume) == all_:
         raise click.UsageError("name one VOLUME or give --all")
@@ -155,13 +165,13 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
         for name in names:
             try:
                 if check_:
-                    ctx.invoke(check, volume=name, repair=repair, bwlimit=bwlimit)
+                    ctx.invoke(check, volume=name, repair=repair, bwlimit=bwlimit, compress=compress)
                 elif initial:
-                    ctx.invoke(init, volume=name, dry_run=dry_run, bwlimit=bwlimit)
+                    ctx.invoke(init, volume=name, dry_run=dry_run, bwlimit=bwlimit, compress=compress)
                 else:
                     from lvmirror import pipelines
                     _report(_locked(ctx, name, pipelines.sync, record="sync", bwlimit=bwlimit,
-                                    dry_run=dry_run))
+                                    compress=compress, dry_run=dry_run))
             except LvError as e:
                 if not all_:
                     raise
@@ -179,13 +189,16 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
 @click.argument("volume", type=NAME, shell_complete=volume_names)
 @click.option("--repair", is_flag=True, help="Send just the blocks that differ, from the snapshot.")
 @bwlimit_option
+@compress_option
 @click.pass_context
-def check(ctx: click.Context, volume: str, repair: bool, bwlimit: int | None = None) -> None:
+def check(ctx: click.Context, volume: str, repair: bool, bwlimit: int | None = None,
+          compress: str | None = None) -> None:
     """Compare VOLUME's destination with the snapshot it should hold; exit 6 on differences.
 
     Prints the ranges that differ, one per line: OFFSET LENGTH data|zero.
     """
-    _locked(ctx, volume, _check, record="repair" if repair else "check", bwlimit=bwlimit, repair=repair)
+    _locked(ctx, volume, _check, record="repair" if repair else "check", bwlimit=bwlimit, compress=compress,
+            repair=repair)
 
 
 def _check(vol, *, repair: bool):

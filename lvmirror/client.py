@@ -26,8 +26,10 @@ from lvdeltafs.errors import (
     Refused,
     UnsupportedFormat,
 )
-from lvdeltafs.formats.stream import StreamError, StreamLayout, StreamReader
+from lvdeltafs.formats.reader import StreamReader
+from lvdeltafs.formats.stream import StreamError
 from lvmirror.bwlimit import TokenBucket, estimate
+from lvmirror.encoder import Resume
 from lvmirror.remote import wire
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Staged:
     verified: int
     complete: bool
     identity: dict[str, Any]
+    version: int = 1  # of the stream format: a resume continues in the version staged
 
     @property
     def target(self) -> str:
@@ -80,6 +83,7 @@ class Hello:
     staged: Staged | None
     replayed: str
     problem: str
+    codecs: tuple[str, ...] = ()  # what the far side's python can decompress
 
     @property
     def holds(self) -> str:
@@ -116,24 +120,39 @@ def parse_hello(doc: dict[str, Any]) -> Hello:
             s = doc["staged"]
             staged = Staged(wire.str_field(s, "delta_id", what=what),
                             wire.int_field(s, "verified", what=what),
-                            s.get("complete") is True, wire.check_identity(s.get("identity"), what))
+                            s.get("complete") is True, wire.check_identity(s.get("identity"), what),
+                            wire.int_field(s, "version", lo=1, hi=2, default=1, what=what))
         state, recorded = (_state(doc, key, what) for key in ("state", "recorded"))
         return Hello(_text(doc, "dest"), _text(doc, "kind"), doc.get("exists") is True,
                      wire.int_field(doc, "size", what=what), state, recorded, _text(doc, "unknown"),
                      wire.str_field(doc, "token", what=what), staged, _text(doc, "replayed"),
-                     _text(doc, "problem"))
+                     _text(doc, "problem"), _codecs(doc.get("codecs")))
     except wire.ProtocolError as e:
         raise ConnectionProblem(str(e)) from None
+
+
+def _codecs(value: Any) -> tuple[str, ...]:
+    """The codec names the far side lists (only plain short names are kept)."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value[:16] if isinstance(v, str) and v.isascii() and v.isalnum() and len(v) <= 16)
 
 
 # ---------------------------------------------------------------- streams to send
 
 class StreamSource(Protocol):
-    """A delta stream the client can send from any record boundary."""
+    """A delta stream the client can send from where the receiver holds it up to.
 
-    size: int
+    ``size`` is None when not known before it is generated (a compressed
+    stream); ``resume`` is the receiver's verifier state at ``offset``,
+    which a generated stream continues from (:mod:`lvmirror.encoder`).
+    """
 
-    def read_from(self, offset: int) -> Iterable[bytes]: ...
+    size: int | None
+
+    def header(self) -> dict[str, Any]: ...
+
+    def read_from(self, offset: int, resume: Resume | None = None) -> Iterable[bytes]: ...
 
 
 class FileSource:
@@ -143,22 +162,14 @@ class FileSource:
         self.path = path
         self.size = os.path.getsize(path)
 
-    def read_from(self, offset: int) -> Iterator[bytes]:
+    def header(self) -> dict[str, Any]:
+        return stream_header(self)
+
+    def read_from(self, offset: int, resume: Resume | None = None) -> Iterator[bytes]:
         with open(self.path, "rb") as f:
             f.seek(offset)
             while chunk := f.read(FRAME_BYTES):
                 yield chunk
-
-
-class LayoutSource:
-    """A stream generated on the fly from its layout and a reader of the target (the sync pipeline)."""
-
-    def __init__(self, layout: StreamLayout, read: Callable[[int, int], bytes]):
-        self.layout, self.read = layout, read
-        self.size = layout.size
-
-    def read_from(self, offset: int) -> Iterator[bytes]:
-        return self.layout.blocks(self.read, offset)
 
 
 class _IterFile(io.RawIOBase):
@@ -215,6 +226,8 @@ class ReceiverClient:
         self.bytes_sent = 0  # stream bytes sent by the last send_delta
         self.closed = False
         self.limit: TokenBucket | None = None
+        self.local = False  # a pipe to a local receiver (set by lvmirror.transports): never a slow link
+        self.codecs: tuple[str, ...] = ()  # what the far side decompresses, from its last hello
 
     @property
     def bwlimit(self) -> int | None:
@@ -267,7 +280,9 @@ class ReceiverClient:
 
     def hello(self) -> Hello:
         """The destination and what it holds; the receiver finishes an interrupted apply first."""
-        return parse_hello(self.request("hello"))
+        greeting = parse_hello(self.request("hello"))
+        self.codecs = greeting.codecs
+        return greeting
 
     def send_delta(self, source: StreamSource, delta_id: str, *, force: bool = False,
                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -278,7 +293,7 @@ class ReceiverClient:
         there.  Returns the receiver's final reply (``verified``, ``complete``).
         """
         staged = self.hello().staged
-        header = stream_header(source)
+        header = source.header()
         if header.get("delta_id") != delta_id:
             raise CorruptDelta(f"the stream to send is delta {header.get('delta_id')}, not {delta_id}")
         offset = 0
@@ -289,14 +304,24 @@ class ReceiverClient:
                         "delta_id": delta_id}
             offset = staged.verified
             if offset:
-                log.info("resuming delta %s at byte %d of %d: the receiver holds the rest verified",
-                         delta_id, offset, source.size)
+                log.info("resuming delta %s at byte %d: the receiver holds what comes before verified",
+                         delta_id, offset)
         ready = self.request("receive", delta_id=delta_id, from_offset=offset,
-                             identity=header.get("identity"), stream_size=source.size, force=force)
-        start = wire.int_field(ready, "offset", hi=source.size, what="the receiver's reply to receive")
-        return self._stream_bulk(source, start, progress)
+                             identity=header.get("identity"), stream_size=source.size or 0, force=force)
+        what = "the receiver's reply to receive"
+        start = wire.int_field(ready, "offset", hi=source.size or wire.MAX_SIZE, what=what)
+        resume = None
+        if start:
+            try:
+                resume = Resume.from_reply(ready.get("resume"))
+            except ValueError as e:
+                raise ConnectionProblem(f"{what}: {e}") from None
+            if resume.position != start:
+                raise ConnectionProblem(f"{what}: it holds byte {start}, its state says {resume.position}")
+        return self._stream_bulk(source, start, resume, progress)
 
-    def _stream_bulk(self, source: StreamSource, offset: int, progress: Callable[[int], None] | None) -> dict:
+    def _stream_bulk(self, source: StreamSource, offset: int, resume: Resume | None,
+                     progress: Callable[[int], None] | None) -> dict:
         """Send the stream from ``offset`` as frames; every delta byte sent anywhere goes through here.
 
         With a cap, each frame is at most one burst of the token bucket, paid
@@ -307,10 +332,10 @@ class ReceiverClient:
         failure: BaseException | None = None
         limit = self.limit
         piece = min(FRAME_BYTES, limit.burst) if limit else FRAME_BYTES
-        if limit:  # the progress line is drawn on a terminal only: say it in the log too
+        if limit and source.size:  # the progress line is drawn on a terminal only: say it in the log too
             log.info("to the %s: %s", self.where, estimate(source.size - offset, limit.rate))
         try:
-            for blk in source.read_from(offset):
+            for blk in source.read_from(offset, resume):
                 view = memoryview(blk)
                 for p in range(0, len(view), piece):
                     frame = view[p:p + piece]

@@ -56,7 +56,8 @@ DEFAULT_WORK_DIR = "/var/lib/lvmirror"
 
 # Keys a [volume.NAME] table may hold; [defaults] may hold all but the per-volume ones.
 VOLUME_ONLY = ("vg", "lv", "destination")
-SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts", "bwlimit", "exact")
+SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts", "bwlimit", "exact",
+               "compress")
 DEFAULTS_ONLY = ("lock_dir", "work_dir", "metrics_file")
 VOLUME_KEYS = VOLUME_ONLY + SHARED_KEYS
 DEFAULTS_KEYS = SHARED_KEYS + DEFAULTS_ONLY
@@ -84,6 +85,7 @@ class VolumeConfig:
     work_dir: str = DEFAULT_WORK_DIR
     bwlimit: int | None = None  # bytes per second of delta sent (None: no cap); see lvmirror.bwlimit
     exact: bool = False  # send only the 4 KiB blocks that differ from the base (see lvdeltafs.exact)
+    compress: str = "auto"  # auto | off | zlib: see lvmirror.compression
 
     @property
     def spool(self) -> str:
@@ -293,6 +295,7 @@ def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str
         work_dir=_abs_path(defaults.get("work_dir", DEFAULT_WORK_DIR), f"{shown}: [defaults] work_dir"),
         bwlimit=_bwlimit(body, defaults, where, shown),
         exact=_bool(merged.get("exact", False), f"{where} exact"),
+        compress=_compress(merged.get("compress", "auto"), f"{where} compress"),
     )
 
 
@@ -360,6 +363,14 @@ def _bwlimit(body: dict[str, Any], defaults: dict[str, Any], where: str, shown: 
         return parse_rate(value)
     except ValueError as e:
         raise ConfigError(f"{where} bwlimit: {shown_value(value)}: {e}") from None
+
+
+def _compress(value: Any, where: str) -> str:
+    from lvmirror.compression import MODES
+    if value not in MODES:
+        raise ConfigError(f"{where} must be one of {', '.join(repr(m) for m in MODES)}, not "
+                          f"{shown_value(value)}")
+    return value
 
 
 def _bool(value: Any, where: str) -> bool:

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from lvdeltafs import lvm, pairs
 from lvdeltafs.delta import Delta, FileReader, Identity
 from lvdeltafs.errors import BadInput, CommandFailed, LvError, Mismatch, Refused, SnapshotUnusable
-from lvdeltafs.extents import Extents, format_ranges
+from lvdeltafs.extents import DATA, Extents, format_ranges
 from lvdeltafs.formats import files
 from lvdeltafs.formats.verify import verify_path
 from lvmirror import deltas, snapshots, spool
-from lvmirror.client import FileSource, Hello, LayoutSource, ReceiverClient, stream_header
+from lvmirror.client import FileSource, Hello, ReceiverClient, stream_header
+from lvmirror.compression import Policy, choose_mode, sample_ratio
 from lvmirror.config import ConfigError, VolumeConfig
+from lvmirror.encoder import DeltaStream
 from lvmirror.progress import Progress, human
 from lvmirror.transports import SshOptions, receiver_for
 
@@ -55,6 +57,8 @@ class Outcome:
     unchanged_bytes: int | None = None
     bwlimit: int | None = None  # the cap it ran (or would run) under, bytes per second
     stream_bytes: int = 0  # the bytes of the delta stream (a dry run under a cap: for its time estimate)
+    # A dry run that would compress: compressed size over raw size of a sample of the data.
+    compress_ratio: float | None = None
 
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"
@@ -65,10 +69,19 @@ class Outcome:
                      f"{'would not be' if self.dry_run else 'not'} sent)")
         if self.target and not self.dry_run:
             text += f"; the destination now holds {self.target}"
+        if self.dry_run and self.compress_ratio is not None:
+            text += (f"; compressed (estimated from a sample) the data would be about "
+                     f"{human(int(self.data_bytes * self.compress_ratio))}")
         if self.dry_run and self.bwlimit:
             from lvmirror.bwlimit import estimate
-            text += f"; {estimate(self.stream_bytes, self.bwlimit)}"
+            text += f"; {estimate(self.link_bytes(), self.bwlimit)}"
         return text
+
+    def link_bytes(self) -> int:
+        """The stream's bytes as they would cross the link: its data compressed as the sample says."""
+        if self.compress_ratio is None:
+            return self.stream_bytes
+        return self.stream_bytes - self.data_bytes + int(self.data_bytes * self.compress_ratio)
 
 
 @dataclass
@@ -81,6 +94,14 @@ class CheckResult:
     @property
     def ok(self) -> bool:
         return len(self.mismatched) == 0
+
+
+def data_ranges(extents: Extents) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each data range, in order."""
+    for off, ln, kind in zip(extents.offsets.tolist(), extents.lengths.tolist(), extents.kinds.tolist(),
+                             strict=True):
+        if kind == DATA:
+            yield off, ln
 
 
 def _outcome(vol_name: str, action: str, delta: Delta, dry_run: bool) -> Outcome:
@@ -128,17 +149,27 @@ def check_destination_not_on_source(vol: VolumeConfig, source: lvm.LogicalVolume
 
 
 def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = False,
-         spool_dir: str | None = None) -> dict:
+         spool_dir: str | None = None, compress: str = "off") -> dict:
     """Stream the delta to the receiver (resuming what it holds), then have it apply.
 
-    ``spool_dir``: where the delta's ranges are kept while it is in flight (see :mod:`lvmirror.spool`).
+    ``spool_dir``: where the delta's ranges are kept while it is in flight (see :mod:`lvmirror.spool`);
+    ``compress``: the configured mode, as :func:`lvmirror.compression.choose_mode` settles it for this link.
     """
-    layout = files.stream_layout(delta)
     delta_id = delta.identity.delta_id
     if spool_dir:
         spool.save(spool_dir, delta_id, delta.extents)
-    with Progress(label, layout.size, cap=client.bwlimit) as bar:
-        client.send_delta(LayoutSource(layout, delta.read), delta_id, force=force, progress=bar.update)
+    # The far side's codecs are in the hello every pipeline begins with.
+    mode = choose_mode(compress, local=client.local, far_codecs=list(client.codecs))
+    if mode != compress and not (compress == "auto" and client.local):
+        log.warning("%s: the receiver's python3 cannot decompress %s; sending uncompressed", label, compress)
+    policy = Policy(mode)
+    source = DeltaStream(delta, policy)
+    with Progress(label, source.total, cap=client.bwlimit) as bar:
+        source.progress = bar.update
+        client.send_delta(source, delta_id, force=force)
+    if policy.compresses:
+        log.info("%s: %s; %s sent for %s of data", label, policy.describe(), human(client.bytes_sent),
+                 human(delta.extents.data_bytes))
     reply = client.apply()
     if spool_dir:
         spool.forget(spool_dir, delta_id)
@@ -193,11 +224,14 @@ def _send_new(vol: VolumeConfig, client: ReceiverClient, snap: lvm.LogicalVolume
         out = _outcome(vol.name, action, delta, dry_run)
         out.notes.extend(notes)
         out.bwlimit = vol.bwlimit
-        if dry_run and vol.bwlimit:
+        if dry_run:
             out.stream_bytes = files.stream_layout(delta).size
+            if choose_mode(vol.compress, local=client.local, far_codecs=list(client.codecs)) != "off":
+                out.compress_ratio = sample_ratio(data_ranges(delta.extents), delta.extents.data_bytes,
+                                                  delta.read)
         if not dry_run:
             out.generation = applied_generation(send(client, delta, f"{vol.name}: {action}",
-                                                     spool_dir=vol.spool))
+                                                     spool_dir=vol.spool, compress=vol.compress))
     except BaseException:
         # Closed first: LVM will not remove a snapshot that is held open.
         if delta is not None:
@@ -309,7 +343,7 @@ def _resume_staged(vol: VolumeConfig, client: ReceiverClient, greeting: Hello) -
     log.info("%s: resuming delta %s to %s that a previous run left unfinished", vol.name, staged.delta_id,
              target.vg_lv)
     try:
-        send(client, delta, f"{vol.name}: resume", spool_dir=vol.spool)
+        send(client, delta, f"{vol.name}: resume", spool_dir=vol.spool, compress=vol.compress)
     finally:
         delta.close()
     spool.clear(vol.spool)
@@ -336,11 +370,12 @@ def check(vol: VolumeConfig, *, repair: bool = False) -> tuple[CheckResult, Outc
                                    "resyncs by comparing block digests")
         assert found.snapshot is not None
         return check_against(client, vol.name, found.snapshot.path, snapshots.size_of(found.snapshot),
-                             repair=repair)
+                             repair=repair, compress=vol.compress)
 
 
 def check_against(client: ReceiverClient, name: str, path: str, size: int, *, repair: bool = False,
-                  block_size: int = deltas.BLOCK_SIZE) -> tuple[CheckResult, Outcome | None]:
+                  block_size: int = deltas.BLOCK_SIZE,
+                  compress: str = "off") -> tuple[CheckResult, Outcome | None]:
     """Compare the destination with the image or device at ``path``; with ``repair``, send what differs."""
     greeting = hello(client)
     held = greeting.holds or str(greeting.recorded.get("snapshot") or "")
@@ -355,7 +390,7 @@ def check_against(client: ReceiverClient, name: str, path: str, size: int, *, re
     volume = str(greeting.recorded.get("volume") or pairs.IMAGE_VOLUME)
     delta = deltas.delta_over(greeting, mismatched, volume, held, path, size, block_size)
     try:
-        reply = send(client, delta, f"{name}: repair")
+        reply = send(client, delta, f"{name}: repair", compress=compress)
     finally:
         delta.close()
     out = _outcome(name, "repair", delta, False)

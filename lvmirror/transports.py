@@ -173,4 +173,5 @@ def receiver_for(dest: str, state_dir: str | None, ssh: SshOptions | None = None
         transport = LocalTransport(dest, state_dir)
     with transport as client:
         client.set_bwlimit(bwlimit)
+        client.local = not dest.startswith("ssh://")
         yield client

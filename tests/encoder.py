@@ -20,13 +20,13 @@ from lvdeltafs.formats.stream import (
     T_DATA,
     T_ZERO,
     ReadFn,
-    _end_record,
-    _head,
-    _prefix,
     _read_piece,
     canonical,
     data_records,
     encode_header,
+    end_record,
+    record_head,
+    stream_prefix,
 )
 
 __all__ = ["write_stream"]
@@ -41,7 +41,7 @@ def write_stream(identity: dict[str, Any], target_size: int, pieces: Iterable[tu
     Needs no random access to ``pieces``, only one pass.
     """
     header = encode_header(identity, target_size, delta_id)
-    prefix, seed = _prefix(header, target_size)
+    prefix, seed = stream_prefix(header, target_size)
     pos = 0
     for blk in prefix:
         if pos >= start:
@@ -50,7 +50,7 @@ def write_stream(identity: dict[str, Any], target_size: int, pieces: Iterable[tu
             raise ValueError(f"stream offset {start} is not a record boundary")
         pos += len(blk)
     ndata = nzero = dbytes = zbytes = 0
-    crc32, head, rp = zlib.crc32, _head, _read_piece
+    crc32, head, rp = zlib.crc32, record_head, _read_piece
     for off, ln, kind in canonical(pieces):
         if off + ln > target_size:
             raise ValueError(f"range {off}+{ln} is past the target size {target_size}")
@@ -79,4 +79,4 @@ def write_stream(identity: dict[str, Any], target_size: int, pieces: Iterable[tu
         if start == pos + END_SIZE:
             return  # the receiver already has everything
         raise ValueError(f"stream offset {start} is not a record boundary")
-    yield _end_record(pos, 2 + ndata + nzero, ndata, nzero, dbytes, zbytes, seed)
+    yield end_record(pos, 2 + ndata + nzero, ndata, nzero, dbytes, zbytes, seed)

@@ -50,7 +50,7 @@ def sha256_of(path: str | Path, size: int | None = None) -> str:
 
 def apply_stream(image: Path, stream_path: Path) -> None:
     """Apply a delta stream to an image: the tests' own minimal applier, independent of lvmirror's."""
-    from lvdeltafs.formats.stream import iter_records
+    from lvdeltafs.formats.reader import iter_records
     with open(stream_path, "rb") as s, open(image, "r+b") as out:
         for rec in iter_records(s):
             if rec.type == "size":
@@ -288,7 +288,11 @@ class BytesSource:
         self.data = data
         self.size = len(data)
 
-    def read_from(self, offset: int) -> Iterator[bytes]:
+    def header(self) -> dict:
+        from lvmirror.client import stream_header
+        return stream_header(self)
+
+    def read_from(self, offset: int, resume=None) -> Iterator[bytes]:
         view = memoryview(self.data)
         for p in range(offset, self.size, 1 << 20):
             yield bytes(view[p:p + (1 << 20)])
@@ -336,6 +340,31 @@ def delta(old: bytes | None, new: bytes, base: str, target: str, *, source: str 
     blob = b"".join(write_stream(ident.to_dict(), len(new), pieces, lambda o, n: new[o:o + n],
                                  delta_id=ident.delta_id))
     return ident, blob
+
+
+class MemoryReader:
+    """A target held in memory, read as lvmirror reads a snapshot (``pread``, from any thread)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.data[offset:offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+def memory_delta(old: bytes | None, new: bytes, base: str, target: str, *, source: str = "cow"):
+    """The Delta object (not its stream) from ``old`` to ``new``, as a sync would send it."""
+    from lvdeltafs.delta import Delta
+    from lvdeltafs.extents import Extents
+    ident = Identity(VOL, base, target, len(old) if old is not None else 0, len(new), BLOCK, source)
+    pieces = changed(old, new)
+    extents = Extents.from_ranges([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces],
+                                  len(new))
+    return Delta(ident, extents, MemoryReader(new))
 
 
 def sha(data: bytes) -> str:

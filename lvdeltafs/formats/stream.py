@@ -10,7 +10,9 @@ CorruptDelta / UnsupportedFormat.
 The format is specified in docs/stream-format.md.  In short: a 16-byte
 preamble (magic, version), then records, each a 32-byte checksummed head and
 a payload: HEADER (identity JSON), SIZE, DATA/ZERO records in ascending
-offset order, and END (counts and totals).
+offset order, and END (counts and totals).  Version 2 adds COMPRESSED
+records (:mod:`.codecs`), written by lvmirror's sender (:mod:`lvmirror.encoder`);
+readers are in :mod:`.reader`.
 
 The layout is a pure function of (header, target size, extent list): DATA
 extents are split at 1 MiB from their start.  So :class:`StreamLayout` can
@@ -26,25 +28,23 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, BinaryIO
-
-# Shipped with this module wherever it goes (lvmirror.remote.SHIPPED), and standard-library only too.
-from lvdeltafs.fsio import ShortRead, read_exactly
+from typing import Any
 
 MAGIC = b"LVDELTA\x00"
-VERSION = 1
+VERSION = 1  # what StreamLayout writes: no COMPRESSED records, so a pure function of the extents
+VERSIONS = (1, 2)  # what readers read; version 2 adds COMPRESSED records
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, crc32 of the first 12 bytes
 PREAMBLE_SIZE = PREAMBLE.size  # 16
-_HEAD = struct.Struct("<BBHIQQI")  # type, flags, reserved, payload length, a, b, payload crc32
-HEAD_SIZE = _HEAD.size + 4  # 32: the last 4 bytes are the head's own crc32
+HEAD = struct.Struct("<BBHIQQI")  # type, flags, reserved, payload length, a, b, payload crc32
+HEAD_SIZE = HEAD.size + 4  # 32: the last 4 bytes are the head's own crc32
 MAX_DATA = 1 << 20  # bytes of data per DATA record
 MAX_HEADER = 64 << 10  # bytes of header JSON
-_END = struct.Struct("<QQQQ")  # data records, zero records, data bytes, zero bytes
-END_SIZE = HEAD_SIZE + _END.size
+END_PAYLOAD = struct.Struct("<QQQQ")  # data records, zero records, data bytes, zero bytes
+END_SIZE = HEAD_SIZE + END_PAYLOAD.size
 
-T_HEADER, T_SIZE, T_DATA, T_ZERO, T_END = (ord(c) for c in "HSDZE")
-_TYPE_NAMES = {T_HEADER: "header", T_SIZE: "size", T_DATA: "data", T_ZERO: "zero", T_END: "end"}
+T_HEADER, T_SIZE, T_DATA, T_ZERO, T_END, T_COMPRESSED = (ord(c) for c in "HSDZEC")
+TYPE_NAMES = {T_HEADER: "header", T_SIZE: "size", T_DATA: "data", T_ZERO: "zero", T_END: "end",
+              T_COMPRESSED: "compressed"}
 
 # Extent kinds, the same numbers as lvdeltafs.extents (which this module must not import).
 KIND_DATA = 0
@@ -75,11 +75,11 @@ class StreamUnsupported(StreamError):
 _COPY_AGAIN = "the file was damaged in transit or on disk — copy it again"
 
 
-def _corrupt(at: int, what: str) -> StreamError:
+def corrupt(at: int, what: str) -> StreamError:
     return StreamError(f"delta stream is corrupt at byte {at}: {what}; {_COPY_AGAIN}", at)
 
 
-def _truncated(at: int, where: str) -> StreamTruncated:
+def truncated(at: int, where: str) -> StreamTruncated:
     return StreamTruncated(
         f"delta stream is truncated at byte {at}: it ends {where}; the file is incomplete — copy it again",
         at)
@@ -103,25 +103,25 @@ def encode_header(identity: dict[str, Any], target_size: int, delta_id: str | No
     return raw
 
 
-def _head(rtype: int, plen: int, a: int, b: int, pcrc: int, seed: int) -> bytes:
-    h = _HEAD.pack(rtype, 0, 0, plen, a, b, pcrc)
+def record_head(rtype: int, plen: int, a: int, b: int, pcrc: int, seed: int) -> bytes:
+    h = HEAD.pack(rtype, 0, 0, plen, a, b, pcrc)
     return h + zlib.crc32(h, seed).to_bytes(4, "little")
 
 
-def _preamble() -> bytes:
-    first = PREAMBLE.pack(MAGIC, VERSION, 0, 0)[:12]
+def preamble(version: int = VERSION) -> bytes:
+    first = PREAMBLE.pack(MAGIC, version, 0, 0)[:12]
     return first + zlib.crc32(first).to_bytes(4, "little")
 
 
-def _prefix(header: bytes, target_size: int) -> tuple[list[bytes], int]:
+def stream_prefix(header: bytes, target_size: int, version: int = VERSION) -> tuple[list[bytes], int]:
     """Preamble, HEADER and SIZE records, and the seed for every later head checksum.
 
     Later heads are checksummed with the header's crc as seed, which binds
     each record to this delta: a record spliced in from another stream fails.
     """
     seed = zlib.crc32(header)
-    blocks = [_preamble(), _head(T_HEADER, len(header), 0, 0, seed, 0) + header,
-              _head(T_SIZE, 0, target_size, 0, 0, seed)]
+    blocks = [preamble(version), record_head(T_HEADER, len(header), 0, 0, seed, 0) + header,
+              record_head(T_SIZE, 0, target_size, 0, 0, seed)]
     return blocks, seed
 
 
@@ -169,9 +169,9 @@ def canonical(pieces: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int
         yield cur[0], cur[1], cur[2]
 
 
-def _end_record(pos: int, nrec: int, ndata: int, nzero: int, dbytes: int, zbytes: int, seed: int) -> bytes:
-    payload = _END.pack(ndata, nzero, dbytes, zbytes)
-    return _head(T_END, len(payload), pos, nrec, zlib.crc32(payload), seed) + payload
+def end_record(pos: int, nrec: int, ndata: int, nzero: int, dbytes: int, zbytes: int, seed: int) -> bytes:
+    payload = END_PAYLOAD.pack(ndata, nzero, dbytes, zbytes)
+    return record_head(T_END, len(payload), pos, nrec, zlib.crc32(payload), seed) + payload
 
 
 # ---------------------------------------------------------------- layout
@@ -194,7 +194,7 @@ class StreamLayout:
                  totals: tuple[int, int, int, int] | None = None):
         self.header = encode_header(identity, target_size, delta_id)
         self.target_size = target_size
-        self._prefix, self.seed = _prefix(self.header, target_size)
+        self._prefix, self.seed = stream_prefix(self.header, target_size)
         self.offsets, self.lengths, self.kinds = offsets, lengths, kinds
         self.count = len(offsets)
         if starts is None or totals is None:
@@ -249,7 +249,7 @@ class StreamLayout:
     def _records_from(self, i: int, k: int, read: ReadFn) -> Iterator[list[bytes]]:
         """Encoded records (head and payload blocks) from record (i, k) to the end."""
         seed, offsets, lengths, kinds = self.seed, self.offsets, self.lengths, self.kinds
-        crc32, head, rp = zlib.crc32, _head, _read_piece
+        crc32, head, rp = zlib.crc32, record_head, _read_piece
         for j in range(i, self.count):
             off, ln = int(offsets[j]), int(lengths[j])
             if int(kinds[j]) == KIND_ZERO:
@@ -261,7 +261,7 @@ class StreamLayout:
                 data = rp(read, p, n)
                 yield [head(T_DATA, n, p, n, crc32(data), seed), data]
             k = 0
-        yield [_end_record(self.end_start, self.records, self.data_records, self.zero_records,
+        yield [end_record(self.end_start, self.records, self.data_records, self.zero_records,
                            self.data_bytes, self.zero_bytes, seed)]
 
     def is_boundary(self, pos: int) -> bool:
@@ -322,263 +322,3 @@ class StreamLayout:
         blob = b"".join(rec)
         self._cache = (rec_start, blob)
         return blob
-
-
-# ---------------------------------------------------------------- reading
-
-
-@dataclass(slots=True)
-class Record:
-    """One verified record.  ``start``/``end`` are its stream byte offsets (``end`` is a resume point)."""
-
-    type: str  # header | size | data | zero | end
-    offset: int = 0  # data/zero: target offset; size: the target size
-    length: int = 0
-    data: bytes | None = None
-    start: int = 0
-    end: int = 0
-    header: dict[str, Any] | None = None
-
-
-@dataclass
-class StreamSummary:
-    header: dict[str, Any]
-    target_size: int
-    records: int  # including HEADER, SIZE and END
-    data_records: int
-    zero_records: int
-    data_bytes: int
-    zero_bytes: int
-    stream_bytes: int
-
-
-class StreamReader:
-    """Streaming verifier: iterate to get records, each yielded only once fully verified.
-
-    Memory is bounded by one record (at most 1 MiB of data).  To resume,
-    keep ``state()`` (JSON-able) after the last record you made durable, and
-    later pass it back as ``resume`` with a file that continues at
-    ``state()["position"]``.
-    """
-
-    def __init__(self, fileobj: BinaryIO, resume: dict[str, Any] | None = None):
-        self.f = fileobj
-        self.pos = 0
-        self.header: dict[str, Any] | None = None
-        self.seed = 0
-        self.target_size: int | None = None
-        self.prev_end = 0
-        self.nrec = self.ndata = self.nzero = self.dbytes = self.zbytes = 0
-        self.done = False
-        if resume:
-            if resume.get("target_size") is None:
-                raise ValueError("can only resume after the size record")
-            self.pos = resume["position"]
-            for k in self._STATE:
-                setattr(self, k, resume[k])
-
-    _STATE = ("header", "seed", "target_size", "prev_end", "nrec", "ndata", "nzero", "dbytes", "zbytes")
-
-    def state(self) -> dict[str, Any]:
-        """Everything needed to continue verifying at ``state()["position"]``."""
-        return {"position": self.pos, **{k: getattr(self, k) for k in self._STATE}}
-
-    def summary(self) -> StreamSummary:
-        if not self.done or self.header is None or self.target_size is None:
-            raise RuntimeError("stream not fully read")
-        return StreamSummary(self.header, self.target_size, self.nrec + 1, self.ndata, self.nzero,
-                             self.dbytes, self.zbytes, self.pos)
-
-    def _read(self, n: int) -> bytes:
-        """``n`` bytes, or at EOF what was left (shorter), so the caller can say where the stream ends."""
-        got: list[bytes] = []
-
-        def read(k: int) -> bytes:
-            part = self.f.read(k) or b""
-            got.append(part)
-            return part
-        try:
-            return read_exactly(read, n)  # pipes and sockets may return less than asked before EOF
-        except ShortRead:
-            return b"".join(got)
-
-    def __iter__(self) -> Iterator[Record]:
-        if self.done:
-            return
-        if self.pos == 0:
-            self._preamble()
-        while True:
-            rec = self._record()
-            if rec.type == "end":
-                self._trailing()
-                self.done = True
-                yield rec
-                return
-            yield rec
-
-    def _preamble(self) -> None:
-        raw = self._read(PREAMBLE_SIZE)
-        if not raw:
-            raise StreamTruncated("delta stream is empty (0 bytes): the file is incomplete — copy it again",
-                                  0)
-        if raw[:len(MAGIC)] != MAGIC[:len(raw)]:
-            raise StreamError("not a delta stream: bad magic at byte 0 "
-                              f"(found {raw[:8]!r}, expected {MAGIC!r})", 0)
-        if len(raw) < PREAMBLE_SIZE:
-            raise _truncated(len(raw), "inside the 16-byte preamble")
-        _magic, version, flags, crc = PREAMBLE.unpack(raw)
-        if zlib.crc32(raw[:12]) != crc:
-            raise _corrupt(0, "preamble checksum mismatch")
-        if version != VERSION:
-            raise StreamUnsupported(f"delta stream at byte 8 has format version {version}; this release "
-                                    f"reads version {VERSION} only (upgrade lvdeltafs/lvmirror)", 8)
-        if flags:
-            raise StreamUnsupported(f"delta stream at byte 10 uses flags 0x{flags:04x} this release does not "
-                                    "know (upgrade lvdeltafs/lvmirror)", 10)
-        self.pos = PREAMBLE_SIZE
-
-    def _record(self) -> Record:
-        at = self.pos
-        raw = self._read(HEAD_SIZE)
-        if len(raw) < HEAD_SIZE:
-            if not raw:
-                raise _truncated(at, f"after {self.nrec} records with no end record")
-            raise _truncated(at + len(raw), f"inside the head of the record starting at byte {at}")
-        rtype, flags, reserved, plen, a, b, pcrc = _HEAD.unpack_from(raw)
-        seed = self.seed if self.header is not None else 0
-        stored = int.from_bytes(raw[28:], "little")
-        if zlib.crc32(memoryview(raw)[:28], seed) != stored:
-            raise _corrupt(at, "checksum mismatch in the head of the record starting there "
-                           f"(stored 0x{stored:08x})")
-        name = _TYPE_NAMES.get(rtype)
-        if name is None:
-            raise StreamUnsupported(f"delta stream has an unknown record type 0x{rtype:02x} at byte {at} "
-                                    "(written by a newer release?)", at)
-        if flags or reserved:
-            raise StreamUnsupported(f"delta stream record at byte {at} uses flags this release does not know",
-                                    at)
-        self._check_order(name, at)
-        check = getattr(self, f"_check_{name}")
-        check(at, plen, a, b)
-        payload = b""
-        if plen:
-            payload = self._read(plen)
-            if len(payload) < plen:
-                desc = f"(offset {a}, length {b})" if name == "data" else f"({plen}-byte payload)"
-                article = "an" if name == "end" else "a"
-                raise _truncated(at + HEAD_SIZE + len(payload), f"inside {article} {name} record {desc} "
-                                 f"starting at byte {at}")
-            if zlib.crc32(payload) != pcrc:
-                raise _corrupt(at + HEAD_SIZE, f"checksum mismatch in the payload of the {name} record "
-                               f"starting at byte {at}")
-        elif pcrc:
-            raise _corrupt(at, "a record without payload has a payload checksum")
-        self.pos = at + HEAD_SIZE + plen
-        rec = Record(name, a, b, None, at, self.pos)
-        getattr(self, f"_apply_{name}")(rec, payload)
-        if name != "end":
-            self.nrec += 1
-        return rec
-
-    def _check_order(self, name: str, at: int) -> None:
-        expected = "header" if self.header is None else "size" if self.target_size is None else None
-        if expected and name != expected:
-            raise _corrupt(at, f"found a {name} record where the {expected} record must be")
-        if not expected and name in ("header", "size"):
-            raise _corrupt(at, f"found a second {name} record")
-
-    def _check_header(self, at: int, plen: int, a: int, b: int) -> None:
-        if not 0 < plen <= MAX_HEADER or a or b:
-            raise _corrupt(at, f"header record of {plen} bytes is malformed (limit {MAX_HEADER})")
-
-    def _apply_header(self, rec: Record, payload: bytes) -> None:
-        at = rec.start + HEAD_SIZE
-        try:
-            doc = json.loads(payload)
-        except (ValueError, RecursionError):  # deeply nested JSON exhausts the parser's recursion
-            doc = None
-        if (not isinstance(doc, dict) or not isinstance(doc.get("identity"), dict)
-                or type(doc.get("target_size")) is not int or doc["target_size"] < 0):
-            raise _corrupt(at, "the header is not the expected JSON object")
-        named = doc["identity"].get("target_size", doc["target_size"])
-        if type(named) is not int or named != doc["target_size"]:
-            # The receiver takes sizes from the identity and writes by the header: they must agree.
-            raise _corrupt(at, f"the header's identity says the target is {named!r} bytes but the header "
-                           f"says {doc['target_size']}")
-        self.header = doc
-        self.seed = zlib.crc32(payload)
-        rec.header = doc
-
-    def _check_size(self, at: int, plen: int, a: int, b: int) -> None:
-        assert self.header is not None
-        if plen or b or a != self.header["target_size"]:
-            raise _corrupt(at, f"size record says {a} bytes but the header says {self.header['target_size']}")
-
-    def _apply_size(self, rec: Record, payload: bytes) -> None:
-        self.target_size = rec.offset
-
-    def _check_range(self, at: int, name: str, a: int, b: int) -> None:
-        assert self.target_size is not None
-        if b == 0:
-            raise _corrupt(at, f"{name} record at offset {a} has length 0")
-        if a < self.prev_end:
-            raise _corrupt(at, f"{name} record (offset {a}, length {b}) starts before the end of the "
-                           f"previous record's range ({self.prev_end}); records must be ascending and "
-                           "must not overlap")
-        if a + b > self.target_size:
-            raise _corrupt(at, f"{name} record (offset {a}, length {b}) reaches past the target size "
-                           f"{self.target_size}")
-
-    def _check_data(self, at: int, plen: int, a: int, b: int) -> None:
-        if b > MAX_DATA or plen != b:
-            raise _corrupt(at, f"data record (offset {a}, length {b}, payload {plen}) is malformed or larger "
-                           f"than the {MAX_DATA}-byte limit")
-        self._check_range(at, "data", a, b)
-
-    def _apply_data(self, rec: Record, payload: bytes) -> None:
-        rec.data = payload
-        self.prev_end = rec.offset + rec.length
-        self.ndata += 1
-        self.dbytes += rec.length
-
-    def _check_zero(self, at: int, plen: int, a: int, b: int) -> None:
-        if plen:
-            raise _corrupt(at, "zero record carries a payload")
-        self._check_range(at, "zero", a, b)
-
-    def _apply_zero(self, rec: Record, payload: bytes) -> None:
-        self.prev_end = rec.offset + rec.length
-        self.nzero += 1
-        self.zbytes += rec.length
-
-    def _check_end(self, at: int, plen: int, a: int, b: int) -> None:
-        if plen != _END.size:
-            raise _corrupt(at, f"end record has a {plen}-byte payload (expected {_END.size})")
-        if a != at or b != self.nrec:
-            raise _corrupt(at, f"end record says it starts at byte {a} after {b} records, but it starts at "
-                           f"byte {at} after {self.nrec}; records are missing or duplicated")
-
-    def _apply_end(self, rec: Record, payload: bytes) -> None:
-        got = _END.unpack(payload)
-        have = (self.ndata, self.nzero, self.dbytes, self.zbytes)
-        if got != have:
-            raise _corrupt(rec.start, "end record totals (data records, zero records, data bytes, "
-                           f"zero bytes) {got} do not match the stream's {have}")
-
-    def _trailing(self) -> None:
-        extra = self._read(1)
-        if extra:
-            raise _corrupt(self.pos, "unexpected bytes after the end record (trailing garbage)")
-
-
-def iter_records(fileobj: BinaryIO, resume: dict[str, Any] | None = None) -> Iterator[Record]:
-    """Parsed, verified records one at a time: header, size, data/zero..., end."""
-    return iter(StreamReader(fileobj, resume))
-
-
-def verify_stream(fileobj: BinaryIO) -> StreamSummary:
-    """Read a whole stream, verifying everything; return its summary or raise StreamError."""
-    reader = StreamReader(fileobj)
-    for _ in reader:
-        pass
-    return reader.summary()

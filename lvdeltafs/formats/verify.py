@@ -22,7 +22,8 @@ from lvdeltafs.errors import BadInput, CorruptDelta
 from lvdeltafs.extents import DATA, ZERO, RangeLines
 from lvdeltafs.formats import project_error
 from lvdeltafs.formats.files import IO_BLOCK, MANIFEST_FORMAT, NAMES
-from lvdeltafs.formats.stream import StreamError, StreamReader, StreamSummary, canonical
+from lvdeltafs.formats.reader import StreamReader, StreamSummary
+from lvdeltafs.formats.stream import StreamError, canonical
 from lvdeltafs.fsio import ShortRead, pread_into, read_exactly
 
 # manifest.json is about 1 KiB; a file this large is not one lvdeltafs wrote.

@@ -9,7 +9,9 @@ that is neither in this list nor in the standard library.
 
 SHIPPED = (
     "lvdeltafs.fsio",               # read exactly, atomic writes, locks, no links followed
-    "lvdeltafs.formats.stream",     # the delta stream format (reader and its checks)
+    "lvdeltafs.formats.stream",     # the delta stream format: constants, errors, records
+    "lvdeltafs.formats.codecs",     # compressed records' payloads
+    "lvdeltafs.formats.reader",     # the stream's reader and its checks
     "lvmirror.remote",
     "lvmirror.remote.wire",         # frames, JSON lines, error kinds, request fields (both ends)
     "lvmirror.remote.faults",       # the fault tests' kill hook

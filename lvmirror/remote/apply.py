@@ -27,7 +27,8 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from lvdeltafs.formats import stream as _stream
+from lvdeltafs.formats import reader as _reader
+from lvdeltafs.formats.stream import MAX_DATA, StreamError
 from lvdeltafs.fsio import pwrite_all
 from lvmirror.remote import faults
 from lvmirror.remote.destination import Destination
@@ -40,7 +41,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 TOO_BIG = (errno.EFBIG, errno.EINVAL, errno.EOVERFLOW)
-_ZEROS = bytes(_stream.MAX_DATA)
+_ZEROS = bytes(MAX_DATA)
 _IO = 1 << 20
 
 _libc_fallocate: Any = None
@@ -122,12 +123,12 @@ def block_size_message(path: str, have: int, want: int) -> str:
             f"exactly {want} bytes (e.g. lvresize -L {want}b) and run again; nothing was applied")
 
 
-def staged_records(files: Files) -> Iterator[_stream.Record]:
+def staged_records(files: Files) -> Iterator[_reader.Record]:
     fd = files.dest.folder.open(files.dest.staging_name, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:
         try:
-            yield from _stream.iter_records(f)
-        except _stream.StreamError as e:
+            yield from _reader.iter_records(f)
+        except StreamError as e:
             where = files.dest.where(files.dest.staging_name)
             raise CorruptError(f"the staged copy of the delta ({where}) is damaged: {e}; {WAY_OUT}") from None
 

@@ -78,7 +78,10 @@ class Server:
     def receive(self, req: dict[str, Any]) -> None:
         assert self.session is not None
         stager = self.session.begin_receive(req)
-        self.chan.write_message({"ok": True, "ready": True, "offset": stager.written})
+        ready: dict[str, Any] = {"ok": True, "ready": True, "offset": stager.written}
+        if stager.written:
+            ready["resume"] = stager.resume_point()  # what a generated stream continues from
+        self.chan.write_message(ready)
         frames = FrameReader(self.chan)
         try:
             result = self.session.receive(stager, frames)

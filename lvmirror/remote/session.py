@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from lvdeltafs.formats import codecs
 from lvdeltafs.fsio import pread_into
 from lvmirror.remote import apply as applying
 from lvmirror.remote.destination import Destination
@@ -118,7 +119,9 @@ class Session:
     def staged(self) -> dict[str, Any] | None:
         progress = self.held_progress()
         keys = ("delta_id", "verified", "complete", "stream_size", "identity", "force")
-        return {k: progress[k] for k in keys} if progress else None
+        if not progress:
+            return None
+        return {**{k: progress[k] for k in keys}, "version": progress["reader"].get("version", 1)}
 
     def hello(self) -> dict[str, Any]:
         recorded = self.files.state()
@@ -126,7 +129,7 @@ class Session:
         return {"version": PROTOCOL_VERSION, "receiver_version": RECEIVER_VERSION, "dest": self.dest.path,
                 "kind": self.dest.kind, "exists": self.dest.exists(), "size": self.dest.size(),
                 "state": state, "recorded": recorded, "unknown": unknown, "token": self.dest.token(),
-                "staged": self.staged(),
+                "staged": self.staged(), "codecs": codecs.available(),
                 "replayed": self.replayed, "problem": self.problem, "paths": self.dest.paths()}
 
     def check_base(self, identity: dict[str, Any], delta_id: str, force: bool) -> None:

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from lvdeltafs.formats import reader as _reader
 from lvdeltafs.formats import stream as _stream
 from lvdeltafs.fsio import write_all
 from lvmirror.remote import faults
@@ -149,9 +150,16 @@ class Stager:
         os.lseek(self.fd, offset, os.SEEK_SET)
         self.last_sync = time.monotonic()
 
+    def resume_point(self) -> dict[str, Any]:
+        """The verifier's state where this receive continues: what the sender needs to carry on from
+        the end of the last range held, in the version held, with the counts its END record must give."""
+        state = self.reader_state or {}
+        keys = ("position", "prev_end", "nrec", "ndata", "nzero", "dbytes", "zbytes")
+        return {"version": state.get("version", 1), **{k: state.get(k) for k in keys}}
+
     def run(self, frames: FrameReader) -> None:
         tee = TeeReader(frames)
-        reader = _stream.StreamReader(tee, resume=self.reader_state)
+        reader = _reader.StreamReader(tee, resume=self.reader_state)
         for rec in reader:
             if rec.type == "header":
                 self._check_header(rec.header or {})

@@ -180,6 +180,8 @@ def _progress_problem(doc: dict[str, Any]) -> str:
     reader = doc.get("reader")
     if not isinstance(reader, dict) or any(_bad_int(reader, k) for k in _READER_INTS):
         return "its verifier state is malformed"
+    if reader.get("version", 1) not in (1, 2):
+        return "its verifier state names a stream format version this receiver does not know"
     if reader["position"] != doc["verified"] or not isinstance(reader.get("header"), dict):
         return "its verifier state does not match what it says is verified"
     return ""

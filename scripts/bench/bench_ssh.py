@@ -35,9 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from lvdeltafs.delta import Delta, FileReader, Identity  # noqa: E402
 from lvdeltafs.extents import DATA, Extents  # noqa: E402
-from lvdeltafs.formats.files import stream_layout  # noqa: E402
 from lvmirror import ssh  # noqa: E402
-from lvmirror.client import LayoutSource  # noqa: E402
+from lvmirror.encoder import DeltaStream  # noqa: E402
 from lvmirror.transports import LocalTransport, SshTransport  # noqa: E402
 from tests.harness import Sshd, start_sshd  # noqa: E402
 
@@ -66,16 +65,16 @@ def build_image(path: Path, size_mib: int, text_frac: float) -> None:
             f.write(rnd.choice(texts) if rnd.random() < text_frac else os.urandom(MiB))
 
 
-def init_source(path: Path) -> tuple[LayoutSource, str, FileReader]:
+def init_source(path: Path) -> tuple[DeltaStream, str, FileReader]:
     size = path.stat().st_size
     ident = Identity(volume="bench", base="", target="bench@1", base_size=0, target_size=size,
                      chunk_size=MiB, source="compare")
     reader = FileReader(str(path), size)
     delta = Delta(ident, Extents.from_ranges([0], [size], [DATA], size), reader)
-    return LayoutSource(stream_layout(delta), delta.read), ident.delta_id, reader
+    return DeltaStream(delta), ident.delta_id, reader
 
 
-def timed_sync(transport, source: LayoutSource, delta_id: str) -> tuple[float, float]:
+def timed_sync(transport, source: DeltaStream, delta_id: str) -> tuple[float, float]:
     """(seconds to stage the stream on the receiver, seconds to apply it)."""
     with transport as rc:
         t0 = time.perf_counter()

@@ -34,9 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lvdeltafs.formats.files import stream_layout  # noqa: E402
 from lvdeltafs.pairs import cow_image_delta  # noqa: E402
-from lvmirror.client import LayoutSource  # noqa: E402
+from lvmirror.encoder import DeltaStream  # noqa: E402
 from lvmirror.transports import LocalTransport  # noqa: E402
 from tests.cowimage import write_cow_image  # noqa: E402
 
@@ -80,7 +79,7 @@ def fresh_mirror(path: Path, size: int) -> None:
 def run_lvmirror(cow: Path, target: Path, mirror: Path) -> float:
     t0 = time.perf_counter()
     delta = cow_image_delta(str(cow), str(target))
-    source = LayoutSource(stream_layout(delta), delta.read)
+    source = DeltaStream(delta)
     with LocalTransport(str(mirror)) as client:
         # The mirror holds the base by construction; the bench has no state
         # file to prove it, so the apply is forced (same work either way).

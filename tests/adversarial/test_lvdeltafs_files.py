@@ -251,10 +251,10 @@ def test_verify_refuses_data_with_bytes_outside_its_ranges(tmp_path, images):
 def nested_header_stream(depth: int) -> bytes:
     """A stream whose header is deeply nested JSON, every checksum valid."""
     payload = b"[" * depth + b"]" * depth
-    prefix, seed = S._prefix(payload, 0)
+    prefix, seed = S.stream_prefix(payload, 0)
     body = b"".join(prefix)
-    end = S._END.pack(0, 0, 0, 0)
-    return body + S._head(S.T_END, len(end), len(body), 2, zlib.crc32(end), seed) + end
+    end = S.END_PAYLOAD.pack(0, 0, 0, 0)
+    return body + S.record_head(S.T_END, len(end), len(body), 2, zlib.crc32(end), seed) + end
 
 
 def test_a_deeply_nested_header_is_corrupt_not_a_crash(tmp_path):
@@ -287,11 +287,11 @@ def test_a_header_whose_identity_disagrees_with_its_size_is_corrupt(tmp_path, im
     size = b.stat().st_size
     ident = json.loads((d / "manifest.json").read_text())["identity"]
     header = S.encode_header({**ident, "target_size": size + MiB}, size)
-    prefix, seed = S._prefix(header, size)
+    prefix, seed = S.stream_prefix(header, size)
     body = b"".join(prefix)
-    end = S._END.pack(0, 0, 0, 0)
-    (tmp_path / "lying.delta").write_bytes(body + S._head(S.T_END, len(end), len(body), 2, zlib.crc32(end),
-                                                          seed) + end)
+    end = S.END_PAYLOAD.pack(0, 0, 0, 0)
+    lying = body + S.record_head(S.T_END, len(end), len(body), 2, zlib.crc32(end), seed) + end
+    (tmp_path / "lying.delta").write_bytes(lying)
     out = run(LVDELTAFS, "verify", str(tmp_path / "lying.delta"))
     assert out.returncode == EXIT_BAD_INPUT, out.stderr
     assert "identity says the target is" in out.stderr

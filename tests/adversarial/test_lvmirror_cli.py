@@ -29,7 +29,7 @@ from tests.harness import V1, assert_clean_exit, delta, run_cli
 COMMANDS = ["init", "sync", "check", "status", "apply", "discard"]
 OPTIONS = ["-v", "-q", "-h", "--help", "--version", "-c", "--config", "-a", "--all", "--initial", "--check",
            "--repair", "-n", "--dry-run", "--force", "--state-dir", "--ssh-key", "--known-hosts", "--dest",
-           "--json", "--max-age", "--bogus", "--", "-"]
+           "--json", "--max-age", "--bwlimit", "--compress", "--bogus", "--", "-"]
 PATHS = ["cfg", "delta", "deltadir", "garbage", "fifo", "socket", "dir", "mirror.img", "cfg/x", "no/such",
          ".", "/dev/null", "/dev/zero", "x" * 300, "d/" * 2100 + "x"]
 NAMES = ["web", "db", "nosuch", "", " ", "\x1b[2J", "a\nb", "\x7f", "\x9b31m", "\x00", "\udcff", "\u202e"]

@@ -224,10 +224,9 @@ def test_a_compare_delta_applies_only_to_the_content_it_was_computed_against(tmp
         d = deltas.compare_delta(rc, rc.hello(), VOL, "vol@2", str(target), len(V2))
     damage_written(dest)  # the destination changes between the digests and the apply
     mid = dest.read_bytes()
-    from lvdeltafs.formats import files
-    from lvmirror.client import LayoutSource
+    from lvmirror.encoder import DeltaStream
     with LocalTransport(str(dest)) as rc, pytest.raises(Refused, match="changed since"):
-        rc.send_delta(LayoutSource(files.stream_layout(d), d.read), d.identity.delta_id)
+        rc.send_delta(DeltaStream(d), d.identity.delta_id)
     d.close()
     assert dest.read_bytes() == mid
 

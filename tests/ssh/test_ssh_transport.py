@@ -256,8 +256,8 @@ class CutAfter(BytesSource):
         self.start = link.bytes_sent
         self.at_cut: int | None = None
 
-    def read_from(self, offset: int):
-        for blk in super().read_from(offset):
+    def read_from(self, offset: int, resume=None):
+        for blk in super().read_from(offset, resume):
             if self.at_cut is None and self.link.bytes_sent - self.start >= self.limit:
                 self.at_cut = self.link.bytes_sent - self.start
                 self.cut()

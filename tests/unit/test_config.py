@@ -668,6 +668,7 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
                                              '"rel.prom"', '"/d/.prom"', '"/d/x.prom/"'])),
     "bwlimit": _mostly(st.sampled_from(['"12M"', '"off"', "0", "4194304", '"-1M"', '"12"', '"2T"', '"1s"'])),
     "exact": _mostly(st.sampled_from(["true", "false", '"true"', "1"])),
+    "compress": _mostly(st.sampled_from(['"auto"', '"off"', '"zlib"', '"gzip"', "true", '"AUTO"'])),
 }
 
 

@@ -18,7 +18,8 @@ from lvdeltafs.errors import CorruptDelta, Refused
 from lvdeltafs.extents import DATA, ZERO, Extents
 from lvdeltafs.formats.export import export
 from lvdeltafs.formats.files import NAMES, DeltaFiles
-from lvdeltafs.formats.stream import MAX_DATA, iter_records
+from lvdeltafs.formats.reader import iter_records
+from lvdeltafs.formats.stream import MAX_DATA
 from lvdeltafs.formats.verify import verify_path
 
 

@@ -216,7 +216,7 @@ def test_receiver_checks_the_header_against_the_announced_delta(at_v1: Path):
         rc.request("receive", delta_id=other.delta_id, from_offset=0, identity=other.to_dict(),
                    stream_size=len(blob), force=False)
         with pytest.raises(CorruptDelta, match="not the announced"):
-            rc._stream_bulk(BytesSource(blob), 0, None)
+            rc._stream_bulk(BytesSource(blob), 0, None, None)
         assert rc.hello().staged is None
     assert staging_files(at_v1) == []
 

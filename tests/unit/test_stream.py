@@ -12,16 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lvdeltafs.formats import stream as S
+from lvdeltafs.formats.reader import StreamReader, iter_records, verify_stream
 from lvdeltafs.formats.stream import (
     HEAD_SIZE,
     MAX_DATA,
     StreamError,
     StreamLayout,
-    StreamReader,
     StreamTruncated,
     StreamUnsupported,
-    iter_records,
-    verify_stream,
 )
 from tests.encoder import write_stream
 
@@ -253,14 +251,14 @@ def test_trailing_garbage():
 
 def craft(size, body, version=S.VERSION, end=True, end_override=None):
     header = S.encode_header(ident(size), size, "abc")
-    prefix, seed = S._prefix(header, size)
+    prefix, seed = S.stream_prefix(header, size)
     if version != S.VERSION:
         first = struct.pack("<8sHH", S.MAGIC, version, 0)
         prefix[0] = first + zlib.crc32(first).to_bytes(4, "little")
     out = b"".join(prefix)
     nd = nz = db = zb = 0
     for rtype, a, b, payload in body:
-        out += S._head(rtype, len(payload), a, b, zlib.crc32(payload), seed) + payload
+        out += S.record_head(rtype, len(payload), a, b, zlib.crc32(payload), seed) + payload
         if rtype == S.T_DATA:
             nd, db = nd + 1, db + b
         elif rtype == S.T_ZERO:
@@ -268,7 +266,8 @@ def craft(size, body, version=S.VERSION, end=True, end_override=None):
     if end:
         totals = end_override or (nd, nz, db, zb)
         payload = struct.pack("<QQQQ", *totals)
-        out += S._head(S.T_END, len(payload), len(out), 2 + len(body), zlib.crc32(payload), seed) + payload
+        nrec = 2 + len(body)
+        out += S.record_head(S.T_END, len(payload), len(out), nrec, zlib.crc32(payload), seed) + payload
     return out
 
 
@@ -279,7 +278,7 @@ def test_crafted_valid_stream_passes():
 
 
 def test_unknown_version():
-    e = rejects(craft(1000, [], version=2), StreamUnsupported, match="version 2")
+    e = rejects(craft(1000, [], version=3), StreamUnsupported, match="version 3")
     assert e.offset == 8
 
 
@@ -336,13 +335,13 @@ def test_record_spliced_from_other_delta_is_caught():
 def test_header_and_size_order():
     size = 1000
     header = S.encode_header(ident(size), size, "abc")
-    prefix, seed = S._prefix(header, size)
+    prefix, seed = S.stream_prefix(header, size)
     # a stream whose SIZE record is missing: DATA right after HEADER
     payload = b"abcd"
-    blob = prefix[0] + prefix[1] + S._head(S.T_DATA, 4, 0, 4, zlib.crc32(payload), seed) + payload
+    blob = prefix[0] + prefix[1] + S.record_head(S.T_DATA, 4, 0, 4, zlib.crc32(payload), seed) + payload
     rejects(blob, match="size record must be")
     # a size record that disagrees with the header
-    bad = prefix[0] + prefix[1] + S._head(S.T_SIZE, 0, 999, 0, 0, seed)
+    bad = prefix[0] + prefix[1] + S.record_head(S.T_SIZE, 0, 999, 0, 0, seed)
     rejects(bad, match="size record says 999")
 
 
@@ -363,7 +362,7 @@ def test_slow_reader_short_reads():
 
 def header_stream(payload: bytes, size: int = 1000) -> bytes:
     """A stream whose HEADER payload is ``payload``, every checksum valid."""
-    prefix, seed = S._prefix(payload, size)
+    prefix, seed = S.stream_prefix(payload, size)
     return b"".join(prefix)
 
 

@@ -1,0 +1,142 @@
+"""When to compress: ``compress = "off" | "zlib" | "auto"``, and what a dry run estimates.
+
+``auto`` compresses only while that makes the transfer faster, which it
+finds out by measuring, not by guessing: the encoder tells :meth:`Policy.observe`
+how long each batch held the line (waiting for the workers to build it,
+then for the link to take it), and the policy keeps the recent rate, in
+uncompressed bytes per second, of each way of sending.  It sends the
+faster way and now and then tries the other for one window, because
+either can change: the data may stop compressing, the link may get busy.
+A probe that loses doubles the time to the next one (up to every
+``MAX_INTERVAL`` windows), so on a link where compression never pays (the
+loopback, a LAN) it costs a few percent at most; one that wins brings the
+next probe close.
+
+A local destination is a pipe, never the bottleneck: ``auto`` does not
+compress there, and sends a version-1 stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from lvdeltafs.formats import codecs
+
+MODES = ("auto", "off", *codecs.BY_NAME)
+# auto works in runs: consecutive batches sent one way.  The first SKIP_BYTES of a run are not
+# measured: they were built while the run before was on the line, under its conditions (the
+# encoder keeps about that much in flight).  A probe of the other way is a short run.
+SKIP_BYTES = 6 << 20
+PROBE_BYTES = 16 << 20
+RUN_BYTES = 32 << 20
+FIRST_INTERVAL = 2  # runs between probes at first, and after a probe wins
+MAX_INTERVAL = 32
+
+
+class Policy:
+    """Whether each batch is compressed.  ``compresses``: whether the stream may hold compressed records."""
+
+    def __init__(self, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"compress must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.compresses = mode != "off"
+        # Measured rates (uncompressed bytes per second) of each way, from its latest run.
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self._measured: dict[bool, list[float]] = {True: [0, 0.0, -1], False: [0, 0.0, -1]}  # bytes, s, run
+        self.way = True  # auto starts compressing: over a slow link the first run already pays
+        self.run_len = self.run_left = PROBE_BYTES
+        self.run_no = 0
+        self.probing = False
+        self.interval = FIRST_INTERVAL
+        self.runs_since_probe = 0
+        self.sent = {True: 0, False: 0}  # uncompressed bytes sent each way (for the report)
+
+    @classmethod
+    def off(cls) -> Policy:
+        return cls("off")
+
+    def choose(self, nbytes: int = 1 << 20) -> tuple[bool, int, int]:
+        """(compress the next batch of ``nbytes``?, its run, its place in the run in bytes)."""
+        if self.mode != "auto":
+            return self.compresses, 0, 0
+        if self.run_left <= 0:
+            self._next_run()
+        place = self.run_len - self.run_left
+        self.run_left -= nbytes
+        return self.way, self.run_no, place
+
+    def observe(self, compressed: bool, run: int, place: int, raw: int, seconds: float) -> None:
+        """A batch of ``raw`` data bytes, the ``place``-th byte of run ``run``, held the line ``seconds``."""
+        self.sent[compressed] += raw
+        if self.mode != "auto" or raw == 0 or place < SKIP_BYTES:
+            return
+        got = self._measured[compressed]
+        if got[2] != run:
+            got[:] = [0, 0.0, run]  # a new run of this way: its rate replaces the last one's
+        got[0] += raw
+        got[1] += seconds
+        self.rate[compressed] = got[0] / max(got[1], 1e-9)
+
+    def _next_run(self) -> None:
+        self.run_no += 1
+        unknown = [way for way in (True, False) if self.rate[way] is None]
+        if unknown:
+            self.way, self.probing = unknown[0], False
+            self.run_len = self.run_left = PROBE_BYTES
+            return
+        best = self.rate[True] >= self.rate[False]  # type: ignore[operator]
+        if self.probing:  # the probe just ended: did the other way win?
+            self.interval = FIRST_INTERVAL if best == self.way else min(self.interval * 2, MAX_INTERVAL)
+            self.runs_since_probe = 0
+            self.probing = False
+        elif self.runs_since_probe >= self.interval:
+            self.way, self.probing = not best, True
+            self.run_len = self.run_left = PROBE_BYTES
+            return
+        self.runs_since_probe += 1
+        self.way = best
+        self.run_len = self.run_left = RUN_BYTES
+
+    def describe(self) -> str:
+        """One line for the log: how the bytes went."""
+        if not self.compresses:
+            return "compression off"
+        total = self.sent[True] + self.sent[False]
+        share = 100 * self.sent[True] / total if total else 0
+        return f"compress={self.mode}: {share:.0f}% of the data went through the compressor"
+
+
+def choose_mode(configured: str, *, local: bool, far_codecs: list[str]) -> str:
+    """The mode to run: ``auto`` on a local pipe is off; a codec the far side lacks falls back to off."""
+    if configured == "auto":
+        return "off" if local or "zlib" not in far_codecs else "auto"
+    if configured != "off" and configured not in far_codecs:
+        return "off"
+    return configured
+
+
+def sample_ratio(ranges: Iterable[tuple[int, int]], total: int, read: Callable[[int, int], bytes], *,
+                 sample_bytes: int = 32 << 20, piece: int = 1 << 20) -> float | None:
+    """Compressed size over raw size of about ``sample_bytes``, read in pieces spread over the data.
+
+    ``ranges`` gives (offset, length) of the data ranges in order, ``total``
+    their sum; a piece is taken every ``total / (sample_bytes / piece)``
+    bytes, so the sample covers the whole delta, not its first ranges.
+    None when there is no data.
+    """
+    if total <= 0:
+        return None
+    step = max(piece, total // max(1, sample_bytes // piece))
+    raw = packed = 0
+    at = next_take = 0  # positions in the data ranges laid end to end
+    for off, n in ranges:
+        while next_take < at + n:
+            rel = next_take - at
+            size = min(piece, n - rel)
+            out = codecs.compress(read(off + rel, size))
+            raw += size
+            packed += size if out is None else len(out)
+            next_take += step
+        at += n
+    return packed / raw if raw else None

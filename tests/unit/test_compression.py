@@ -1,0 +1,295 @@
+"""Compressed streams: the codec's bounds, the reader's checks, the encoder's bytes and resumes, the policy.
+
+The end-to-end cases run the real receiver (the shipped bundle in a
+subprocess) over a local pipe with ``compress = "zlib"`` forced, since
+``auto`` never compresses for a local destination; the shaped-link test in
+tests/ssh/ runs ``auto`` over a real slow link.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+
+import pytest
+
+from lvdeltafs.formats import codecs
+from lvdeltafs.formats import stream as S
+from lvdeltafs.formats.reader import StreamReader, verify_stream
+from lvdeltafs.formats.stream import StreamError, StreamUnsupported
+from lvmirror.compression import MAX_INTERVAL, PROBE_BYTES, RUN_BYTES, Policy, choose_mode, sample_ratio
+from lvmirror.encoder import DeltaStream, Resume
+from tests.harness import MiB, image, memory_delta, sha, sha_file, staging_files
+
+WORDS = [b"lvm", b"snapshot", b"mirror", b"chunk", b"delta", b"volume", b"\n", b"exception", b" ", b"thin"]
+
+
+def text(size: int, seed: int) -> bytes:
+    """Bytes that compress about 3:1, like a filesystem's text and metadata."""
+    rnd = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        out += rnd.choice(WORDS) + rnd.choice(WORDS)
+    return bytes(out[:size])
+
+
+OLD = text(6 * MiB, 1)
+NEW = bytearray(OLD)
+NEW[MiB:MiB + 2 * MiB + 5000] = text(2 * MiB + 5000, 2)  # over 1 MiB: several records
+NEW[4 * MiB:4 * MiB + 8192] = bytes(8192)  # becomes zeros
+NEW[5 * MiB:5 * MiB + 300_000] = image(300_000, [(0, 300_000)], seed=3)  # random: does not compress
+NEW = bytes(NEW)
+
+
+def stream_of(source: DeltaStream, offset: int = 0, resume: Resume | None = None) -> bytes:
+    return b"".join(source.read_from(offset, resume))
+
+
+def records(blob: bytes):
+    reader = StreamReader(io.BytesIO(blob))
+    return list(reader), reader
+
+
+# ---------------------------------------------------------------- the codec
+
+
+def test_codec_round_trip_and_no_expansion():
+    data = text(MiB, 5)
+    payload = codecs.compress(data)
+    assert payload is not None and len(payload) < len(data) // 2
+    assert codecs.decompress(payload, len(data)) == data
+    assert codecs.compress(image(MiB, [(0, MiB)], seed=6)) is None  # random bytes are sent raw
+    # A piece that begins with random bytes (a compressed file's blocks) but is mostly text compresses.
+    mixed = image(256 << 10, [(0, 256 << 10)], seed=7) + text(768 << 10, 8)
+    assert len(codecs.compress(mixed)) < 0.6 * len(mixed)
+
+
+@pytest.mark.parametrize("damage, match, unsupported", [
+    (lambda p, n: (p, n + 1), "exactly", False),  # claims more bytes than it holds
+    (lambda p, n: (p, n - 1), "exactly", False),  # holds more than it claims: never inflated past n
+    (lambda p, n: (p[:4] + bytes(4) + p[8:], n), "checksum", False),  # the inner CRC
+    (lambda p, n: (p[:-3], n), "damaged|exactly", False),  # cut short
+    (lambda p, n: (p + b"tail", n), "exactly", False),  # trailing bytes after the deflate stream
+    (lambda p, n: (bytes([9]) + p[1:], n), "codec 9", True),
+    (lambda p, n: (p[:1] + b"\1" + p[2:], n), "reserved", False),
+    (lambda p, n: (p[:8], n), "shorter than its prefix", False),
+])
+def test_codec_refuses_damage(damage, match, unsupported):
+    data = text(200_000, 7)
+    payload, n = damage(codecs.compress(data), len(data))
+    with pytest.raises(codecs.CodecError, match=match) as e:
+        codecs.decompress(payload, n)
+    assert e.value.unsupported is unsupported
+
+
+def test_codec_bomb_is_bounded():
+    """A tiny payload that would inflate to 1 GiB yields at most what its record claims, then an error."""
+    packer = zlib.compressobj(1, zlib.DEFLATED, -15)
+    bomb = packer.compress(bytes(1 << 30)) + packer.flush()
+    payload = codecs.PREFIX.pack(codecs.ZLIB, zlib.crc32(bytes(MiB))) + bomb
+    with pytest.raises(codecs.CodecError, match="exactly"):
+        codecs.decompress(payload, MiB)
+
+
+# ---------------------------------------------------------------- the reader
+
+
+def crafted(records_: list[tuple[int, int, int, bytes]], version: int = 2, size: int = 1 << 20) -> bytes:
+    ident = {"volume": "v", "base": "a", "target": "b", "base_size": size, "target_size": size,
+             "chunk_size": 4096, "source": "cow"}
+    header = S.encode_header(ident, size, "0" * 32)
+    prefix, seed = S.stream_prefix(header, size, version)
+    out = b"".join(prefix)
+    nd = db = 0
+    for rtype, a, b, payload in records_:
+        out += S.record_head(rtype, len(payload), a, b, zlib.crc32(payload) if payload else 0, seed) + payload
+        nd, db = nd + 1, db + b
+    end = S.END_PAYLOAD.pack(nd, 0, db, 0)
+    return out + S.record_head(S.T_END, len(end), len(out), 2 + len(records_), zlib.crc32(end), seed) + end
+
+
+def test_reader_yields_a_compressed_record_as_the_data_it_stands_for():
+    data = text(70_000, 8)
+    blob = crafted([(S.T_COMPRESSED, 4096, len(data), codecs.compress(data))])
+    recs, reader = records(blob)
+    assert [(r.type, r.offset, r.length, r.data) for r in recs[2:3]] == [("data", 4096, len(data), data)]
+    assert reader.summary().data_bytes == len(data) and reader.version == 2
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("in_v1", StreamError, "compressed record in a version 1 stream"),
+    ("expanding", StreamError, "malformed"),
+    ("inner_crc", StreamError, "fail their checksum"),
+    ("codec", StreamUnsupported, "codec 7"),
+    ("too_long", StreamError, "malformed or larger"),
+    ("wrong_length", StreamError, "exactly"),
+])
+def test_reader_refuses_bad_compressed_records(case, exc, match):
+    data = text(70_000, 9)
+    payload = codecs.compress(data)
+    rec = (S.T_COMPRESSED, 0, len(data), payload)
+    version = 2
+    if case == "in_v1":
+        version = 1
+    elif case == "expanding":
+        rec = (S.T_COMPRESSED, 0, 100, payload)  # a payload no smaller than the data it stands for
+    elif case == "inner_crc":
+        rec = (S.T_COMPRESSED, 0, len(data), payload[:4] + struct.pack("<I", 1) + payload[8:])
+    elif case == "codec":
+        rec = (S.T_COMPRESSED, 0, len(data), bytes([7]) + payload[1:])
+    elif case == "too_long":
+        rec = (S.T_COMPRESSED, 0, S.MAX_DATA + 1, payload)
+    elif case == "wrong_length":
+        rec = (S.T_COMPRESSED, 0, len(data) - 1, payload)
+    with pytest.raises(exc, match=match):
+        verify_stream(io.BytesIO(crafted([rec], version)))
+
+
+def test_every_bit_flip_in_a_compressed_stream_is_caught():
+    source = DeltaStream(memory_delta(OLD, NEW, "vol@1", "vol@2"), Policy("zlib"))
+    blob = stream_of(source)
+    rnd = random.Random(4)
+    for at in rnd.sample(range(len(blob)), 300):
+        bad = bytearray(blob)
+        bad[at] ^= 1 << rnd.randrange(8)
+        with pytest.raises(StreamError):
+            verify_stream(io.BytesIO(bytes(bad)))
+
+
+# ---------------------------------------------------------------- the encoder
+
+
+def test_uncompressed_stream_is_byte_for_byte_the_layouts():
+    d = memory_delta(OLD, NEW, "vol@1", "vol@2")
+    source = DeltaStream(d)
+    assert source.version == 1 and source.size == source.layout.size
+    assert stream_of(source) == b"".join(source.layout.blocks(d.read))
+
+
+def apply_records(base: bytes, blob: bytes) -> bytes:
+    out = bytearray(base)
+    recs, reader = records(blob)
+    out[reader.target_size:] = b""
+    out += bytes(reader.target_size - len(out))
+    for r in recs:
+        if r.type in ("data", "zero"):
+            out[r.offset:r.offset + r.length] = r.data if r.type == "data" else bytes(r.length)
+    return bytes(out)
+
+
+def test_compressed_stream_rebuilds_the_target_and_is_smaller():
+    source = DeltaStream(memory_delta(OLD, NEW, "vol@1", "vol@2"), Policy("zlib"))
+    blob = stream_of(source)
+    assert blob[8:10] == b"\x02\x00"  # version 2
+    assert apply_records(OLD, blob) == NEW
+    recs, _ = records(blob)
+    assert len(blob) < source.total * 0.6
+    # the random part went raw: a DATA record, not an expanded COMPRESSED one
+    assert source.counts.wire_data < source.counts.raw_data
+
+
+@pytest.mark.parametrize("mode", ["off", "zlib"])
+def test_resume_from_every_record_end_continues_the_same_stream(mode):
+    """Cut after each record: the receiver's verifier state is all the sender needs to finish it."""
+    d = memory_delta(OLD, NEW, "vol@1", "vol@2")
+    whole = stream_of(DeltaStream(d, Policy(mode)))
+    reader = StreamReader(io.BytesIO(whole))
+    states = []
+    for _rec in reader:
+        if reader.target_size is not None and not reader.done:
+            states.append(reader.state())
+    for state in states:
+        resume = Resume.from_reply({k: state[k] for k in Resume.__dataclass_fields__})
+        # A different policy on the resumed run: the version held decides what may follow.
+        other = Policy("off" if mode == "zlib" else "zlib")
+        tail = stream_of(DeltaStream(d, other), state["position"], resume)
+        blob = whole[:state["position"]] + tail
+        assert apply_records(OLD, blob) == NEW
+        rest = StreamReader(io.BytesIO(tail), resume=state)
+        list(rest)
+        assert rest.summary().stream_bytes == len(blob)
+
+
+def test_resume_refuses_a_state_that_does_not_fit():
+    d = memory_delta(OLD, NEW, "vol@1", "vol@2")
+    with pytest.raises(ValueError):
+        stream_of(DeltaStream(d), 100, None)
+    with pytest.raises(ValueError):
+        Resume.from_reply({"position": 1, "version": 3, "prev_end": 0, "nrec": 2, "ndata": 0, "nzero": 0,
+                           "dbytes": 0, "zbytes": 0})
+    with pytest.raises(ValueError):
+        Resume.from_reply({"position": -1})
+
+
+# ---------------------------------------------------------------- the policy
+
+
+def run_policy(policy: Policy, seconds_per_mib: dict[bool, float], mib: int, depth: int = 6) -> dict:
+    """Feed the policy batches of 1 MiB timed as a link would take them, observed ``depth`` batches after
+    they were chosen (as the encoder's pipeline does); the bytes sent each way."""
+    chosen = []
+    for _ in range(mib):
+        chosen.append(policy.choose(MiB))
+        if len(chosen) > depth:
+            way, run, place = chosen.pop(0)
+            policy.observe(way, run, place, MiB, seconds_per_mib[way])
+    return policy.sent
+
+
+def test_auto_compresses_while_the_link_is_the_bottleneck():
+    sent = run_policy(Policy("auto"), {True: 0.01, False: 0.02}, 4096)  # compressed twice as fast
+    assert sent[True] > 0.95 * sum(sent.values())
+
+
+def test_auto_sends_raw_while_the_cpu_is_the_bottleneck_and_probes_rarely():
+    sent = run_policy(Policy("auto"), {True: 0.02, False: 0.01}, 4096)  # compression costs time
+    assert sent[True] < 0.05 * sum(sent.values())
+    # the probes: the first run, then ones at longer and longer intervals (at most MAX_INTERVAL runs)
+    probes = 1 + 6 + 4096 * MiB // (RUN_BYTES * MAX_INTERVAL)
+    assert sent[True] <= probes * PROBE_BYTES
+
+
+def test_auto_follows_a_link_that_changes():
+    policy = Policy("auto")
+    run_policy(policy, {True: 0.02, False: 0.01}, 1024)
+    before = policy.sent[True]
+    run_policy(policy, {True: 0.01, False: 0.05}, 1024)  # the link got busy
+    assert policy.sent[True] - before > 0.8 * 1024 * MiB
+
+
+def test_modes():
+    assert choose_mode("auto", local=True, far_codecs=["zlib"]) == "off"
+    assert choose_mode("auto", local=False, far_codecs=["zlib"]) == "auto"
+    assert choose_mode("zlib", local=True, far_codecs=["zlib"]) == "zlib"
+    assert choose_mode("zlib", local=False, far_codecs=[]) == "off"  # an older far side: fall back
+    assert not Policy("off").choose()[0] and Policy("zlib").choose()[0]
+    with pytest.raises(ValueError):
+        Policy("gzip")
+
+
+def test_sample_ratio_spreads_over_the_data():
+    data = image(64 * MiB, [(32 * MiB, 32 * MiB)], seed=5)  # zeros, then random
+    ratio = sample_ratio([(0, 64 * MiB)], 64 * MiB, lambda o, n: data[o:o + n], sample_bytes=8 * MiB)
+    assert 0.4 < ratio < 0.6  # half the pieces compress to nothing, half not at all
+    assert sample_ratio([], 0, lambda o, n: b"") is None
+
+
+# ---------------------------------------------------------------- through the real receiver
+
+
+def test_compressed_sync_through_the_receiver(tmp_path):
+    from lvmirror.pipelines import send
+    from lvmirror.transports import LocalTransport
+    dest = tmp_path / "mirror.img"
+    dest.write_bytes(b"")
+    with LocalTransport(str(dest)) as rc:
+        rc.hello()
+        init = memory_delta(None, OLD, "", "vol@1")
+        send(rc, init, "init", compress="zlib")
+        assert rc.bytes_sent < len(OLD) * 0.6
+        rc.hello()
+        send(rc, memory_delta(OLD, NEW, "vol@1", "vol@2"), "sync", compress="zlib")
+        assert rc.hello().state["snapshot"] == "vol@2"
+    assert sha_file(dest) == sha(NEW) and staging_files(dest) == []
