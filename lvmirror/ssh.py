@@ -242,6 +242,27 @@ def _tune(transport: paramiko.Transport, known_types: list[str], compress: bool)
     transport.use_compression(compress)
     transport.packetizer.REKEY_BYTES = REKEY_LIMIT
     transport.packetizer.REKEY_PACKETS = REKEY_LIMIT
+    _skip_slow_asbytes(transport.packetizer)
+
+
+def _skip_slow_asbytes(packetizer: paramiko.Packetizer) -> None:
+    """Hand paramiko 2.x's packetizer bytes, not Messages: it turns each into bytes by a slow path.
+
+    Before 3.0, ``Packetizer.send_message`` calls ``asbytes(msg)``, which first tries ``b(msg)``;
+    that raises a TypeError whose text is ``repr(msg)``, the whole 32 KiB packet formatted as a
+    Python literal, before falling back to ``msg.asbytes()``.  That was three quarters of the
+    sender's CPU: with Debian 12's paramiko 2.12, 1.2 s per 64 MiB sent, 0.3 s without it.
+    Bytes pass straight through ``asbytes``; 3.0 and later call ``msg.asbytes()`` themselves and
+    take only Messages, so they are left alone.
+    """
+    if int(paramiko.__version__.split(".")[0]) >= 3:
+        return
+    send = packetizer.send_message
+
+    def send_message(data: Any) -> None:
+        send(data.asbytes() if isinstance(data, paramiko.Message) else data)
+
+    packetizer.send_message = send_message  # type: ignore[method-assign]
 
 
 def connect(host: str, port: int, user: str, key: paramiko.PKey, known_hosts: KnownHosts, *,
