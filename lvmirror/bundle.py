@@ -22,13 +22,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from lvdeltafs.errors import BadInput
+from lvdeltafs.errors import BadInput, ConnectionProblem
 from lvmirror.remote import MAIN, SHIPPED
 
 # Exit statuses of the bootstrap: 127 is the shell's "command not found".
 EXIT_NOT_FOUND = 127
 EXIT_PYTHON_TOO_OLD = 90
 EXIT_BAD_BLOB = 91
+RESUMES = "the next run resumes from what the receiver holds"
 MIN_PYTHON = (3, 10)  # sys.stdlib_module_names, dataclass(slots=True)
 
 # The blob is read from fd 0 with os.read, never through sys.stdin's buffer, so no byte of the
@@ -126,3 +127,23 @@ def blob(argv: list[str], modules: list[tuple[str, str]] | None = None, main: st
     doc = {"modules": modules, "packages": packages_of(names), "main": main, "argv": argv}
     raw = json.dumps(doc).encode()
     return len(raw).to_bytes(8, "little") + raw
+
+
+def exit_problem(host: str, remote_python: str, status: int | None, last: str,
+                 what: str) -> ConnectionProblem:
+    """Why the far side went away, from the remote command's exit status and its last stderr line.
+
+    Both ssh transports use it: OpenSSH's ssh passes the remote status through as its own.
+    """
+    if status == EXIT_NOT_FOUND:
+        said = f" ({last})" if last else ""
+        return ConnectionProblem(
+            f"{remote_python} was not found on {host} (exit status 127){said}: install "
+            "python3 there; the receiver needs nothing else")
+    if status in (EXIT_PYTHON_TOO_OLD, EXIT_BAD_BLOB):
+        return ConnectionProblem(f"the receiver could not start on {host}: {last}")
+    if status is not None:
+        detail = f": {last}" if last else ""
+        return ConnectionProblem(f"the receiver on {host} ended unexpectedly (exit status {status})"
+                                 f"{detail}; {RESUMES}")
+    return ConnectionProblem(f"the ssh connection to {host} was lost ({what}); {RESUMES}")

@@ -52,6 +52,10 @@ class Rate(click.ParamType):
 bwlimit_option = click.option("--bwlimit", type=Rate(), metavar="RATE", help=BWLIMIT_HELP)
 compress_option = click.option("--compress", type=click.Choice(COMPRESS_MODES),
                                help="Compress the stream: auto, off or zlib, over the config's `compress`.")
+ssh_transport_option = click.option(
+    "--ssh-transport", type=click.Choice(["paramiko", "openssh"]), default="paramiko", show_default=True,
+    help="How to reach an ssh:// DEST: paramiko, or the system's OpenSSH ssh client (same key, same "
+    "known_hosts, strict host key checking).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -297,16 +301,17 @@ def _status_text(st) -> str:
               "(default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa).")
 @click.option("--known-hosts", type=NAME, help="known_hosts file for an ssh:// DEST "
               "(default: ~/.ssh/known_hosts); the host key must be in it.")
+@ssh_transport_option
 @bwlimit_option
 def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: str | None,
-          known_hosts: str | None, bwlimit: int | None) -> None:
+          known_hosts: str | None, ssh_transport: str, bwlimit: int | None) -> None:
     """Apply DELTA (a delta directory or stream file) to DEST with the receiver's checks.
 
     DEST is an image file, a block device, or ssh://[user@]host[:port]/path.
     """
     from lvmirror import pipelines
     check_input(delta, "delta", (stat.S_IFREG, stat.S_IFDIR), missing="no such delta file or directory")
-    ssh = _ssh_options(ssh_key, known_hosts)
+    ssh = _ssh_options(ssh_key, known_hosts, ssh_transport)
     outcome = pipelines.apply_file(delta, dest, state_dir, force=force, ssh=ssh, bwlimit=bwlimit or None)
     _report(outcome)
     if force:
@@ -322,9 +327,10 @@ def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: st
 @click.option("--ssh-key", type=NAME, help="With an ssh:// --dest: the private key.")
 @click.option("--known-hosts", type=NAME,
               help="With an ssh:// --dest: the known_hosts file.")
+@ssh_transport_option
 @click.pass_context
 def discard(ctx: click.Context, volume: str | None, dest: str | None, state_dir: str | None,
-            ssh_key: str | None, known_hosts: str | None) -> None:
+            ssh_key: str | None, known_hosts: str | None, ssh_transport: str) -> None:
     """The way out of a stuck mirror: set aside what is staged for VOLUME's destination (or --dest).
 
     Drops a staged or half-applied delta and what the state says the
@@ -338,18 +344,18 @@ def discard(ctx: click.Context, volume: str | None, dest: str | None, state_dir:
         _locked(ctx, volume, pipelines.discard_volume)
     else:
         assert dest is not None
-        pipelines.discard(dest, state_dir, _ssh_options(ssh_key, known_hosts))
+        pipelines.discard(dest, state_dir, _ssh_options(ssh_key, known_hosts, ssh_transport))
     log.info("%s: what was staged and recorded is set aside; the next sync resyncs by comparing block "
              "digests", volume or dest)
 
 
-def _ssh_options(key: str | None, known_hosts: str | None):
+def _ssh_options(key: str | None, known_hosts: str | None, transport: str = "paramiko"):
     """--ssh-key and --known-hosts, each a readable regular file (a FIFO would hang the key loader)."""
     from lvmirror.transports import SshOptions
     for path, what in ((key, "ssh key"), (known_hosts, "known_hosts file")):
         if path is not None:
             check_input(path, what, (stat.S_IFREG,))
-    return SshOptions(key, known_hosts)
+    return SshOptions(key, known_hosts, transport)
 
 
 main = run_group(cli, "lvmirror")

@@ -8,6 +8,7 @@
     metrics_file = "/var/lib/prometheus/node-exporter/lvmirror.prom"   # optional: Prometheus textfile
     bwlimit = "12M"                           # optional: a cap on the bytes sent per second
     exact = true                              # send only the 4 KiB blocks that differ from the base
+    ssh_transport = "openssh"                 # ssh:// destinations: OpenSSH's ssh client, not paramiko
 
     [volume.web]
     vg = "vg0"
@@ -56,8 +57,8 @@ DEFAULT_WORK_DIR = "/var/lib/lvmirror"
 
 # Keys a [volume.NAME] table may hold; [defaults] may hold all but the per-volume ones.
 VOLUME_ONLY = ("vg", "lv", "destination")
-SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts", "bwlimit", "exact",
-               "compress")
+SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts", "ssh_transport", "bwlimit",
+               "exact", "compress")
 DEFAULTS_ONLY = ("lock_dir", "work_dir", "metrics_file")
 VOLUME_KEYS = VOLUME_ONLY + SHARED_KEYS
 DEFAULTS_KEYS = SHARED_KEYS + DEFAULTS_ONLY
@@ -86,6 +87,7 @@ class VolumeConfig:
     bwlimit: int | None = None  # bytes per second of delta sent (None: no cap); see lvmirror.bwlimit
     exact: bool = False  # send only the 4 KiB blocks that differ from the base (see lvdeltafs.exact)
     compress: str = "auto"  # auto | off | zlib: see lvmirror.compression
+    ssh_transport: str = "paramiko"  # or "openssh": the system's ssh client (see lvmirror.openssh)
 
     @property
     def spool(self) -> str:
@@ -284,18 +286,28 @@ def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str
     state_dir = merged.get("state_dir")
     if state_dir is not None:
         state_dir = _abs_path(state_dir, f"{where} state_dir")
+    ssh_key = _opt_path(merged.get("ssh_key"), f"{where} ssh_key")
+    known_hosts = _opt_path(merged.get("known_hosts"), f"{where} known_hosts")
+    ssh_transport = _ssh_transport(merged.get("ssh_transport", "paramiko"), f"{where} ssh_transport")
+    if ssh_transport == "openssh" and dest.is_ssh:
+        # What ssh would read as syntax is refused now, before anything runs.
+        from lvmirror import openssh
+        openssh.check_destination(dest, f"{where} destination")
+        openssh.check_path(ssh_key, f"{where} ssh_key")
+        openssh.check_path(known_hosts, f"{where} known_hosts")
     return VolumeConfig(
         name=name, vg=vg, lv=lv, destination=dest,
         snapshot_size=_size(merged.get("snapshot_size"), f"{where} snapshot_size"),
         keep=_keep(merged.get("keep", 1), f"{where} keep"),
         state_dir=state_dir,
-        ssh_key=_opt_path(merged.get("ssh_key"), f"{where} ssh_key"),
-        known_hosts=_opt_path(merged.get("known_hosts"), f"{where} known_hosts"),
+        ssh_key=ssh_key,
+        known_hosts=known_hosts,
         source_file=path,
         work_dir=_abs_path(defaults.get("work_dir", DEFAULT_WORK_DIR), f"{shown}: [defaults] work_dir"),
         bwlimit=_bwlimit(body, defaults, where, shown),
         exact=_bool(merged.get("exact", False), f"{where} exact"),
         compress=_compress(merged.get("compress", "auto"), f"{where} compress"),
+        ssh_transport=ssh_transport,
     )
 
 
@@ -367,9 +379,18 @@ def _bwlimit(body: dict[str, Any], defaults: dict[str, Any], where: str, shown: 
 
 def _compress(value: Any, where: str) -> str:
     from lvmirror.compression import MODES
-    if value not in MODES:
+    if not isinstance(value, str) or value not in MODES:
         raise ConfigError(f"{where} must be one of {', '.join(repr(m) for m in MODES)}, not "
                           f"{shown_value(value)}")
+    return value
+
+
+def _ssh_transport(value: Any, where: str) -> str:
+    """ "paramiko" (the default) or "openssh" (the system's ssh client), exactly so spelt."""
+    from lvmirror.transports import SSH_TRANSPORTS
+    if value not in SSH_TRANSPORTS or not isinstance(value, str):
+        raise ConfigError(f"{where} must be \"paramiko\" (the default) or \"openssh\" (the system's ssh "
+                          f"client), not {shown_value(value)}")
     return value
 
 

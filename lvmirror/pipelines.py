@@ -116,7 +116,8 @@ def _outcome(vol_name: str, action: str, delta: Delta, dry_run: bool) -> Outcome
 def volume_receiver(vol: VolumeConfig) -> Iterator[ReceiverClient]:
     """The volume's receiver, reached the way its destination says."""
     dest = vol.destination.raw if vol.destination.is_ssh else vol.destination.path
-    with receiver_for(dest, vol.state_dir, SshOptions(vol.ssh_key, vol.known_hosts), vol.bwlimit) as client:
+    with receiver_for(dest, vol.state_dir, SshOptions(vol.ssh_key, vol.known_hosts, vol.ssh_transport),
+                      vol.bwlimit) as client:
         yield client
 
 

@@ -1,5 +1,8 @@
 """How lvmirror reaches a receiver: the shipped bundle in a local subprocess, or over ssh.
 
+Over ssh by paramiko (:class:`SshTransport`, the default) or by OpenSSH's own client
+(:class:`lvmirror.openssh.OpenSshTransport`, ``ssh_transport = "openssh"``).
+
 Both transports run the same bytes (:mod:`lvmirror.bundle`): the local one
 starts the system's ``python3 -I`` with the bootstrap and feeds it the blob,
 exactly as the ssh one does on the far host, so the host's tests exercise
@@ -21,13 +24,16 @@ from lvdeltafs.errors import ConnectionProblem
 from lvmirror import bundle
 from lvmirror.client import ReceiverClient
 
+SSH_TRANSPORTS = ("paramiko", "openssh")  # ssh_transport: paramiko (the default) or OpenSSH's ssh client
+
 
 @dataclass(frozen=True)
 class SshOptions:
-    """How to reach an ssh:// destination: the private key and the known_hosts file."""
+    """How to reach an ssh:// destination: the private key, the known_hosts file, the ssh transport."""
 
     key: str | None = None
     known_hosts: str | None = None
+    transport: str = "paramiko"
 
 
 def receiver_argv(path: str, state_dir: str | None) -> list[str]:
@@ -165,10 +171,14 @@ def receiver_for(dest: str, state_dir: str | None, ssh: SshOptions | None = None
     ``bwlimit``: a cap on the delta bytes sent per second, for either transport (a local
     USB disk may need one as much as a slow link).
     """
-    transport: LocalTransport | SshTransport
+    transport: Any
     if dest.startswith("ssh://"):
         ssh = ssh or SshOptions()
-        transport = SshTransport(dest, ssh.key, ssh.known_hosts, state_dir=state_dir)
+        if ssh.transport == "openssh":
+            from lvmirror.openssh import OpenSshTransport
+            transport = OpenSshTransport(dest, ssh.key, ssh.known_hosts, state_dir=state_dir)
+        else:
+            transport = SshTransport(dest, ssh.key, ssh.known_hosts, state_dir=state_dir)
     else:
         transport = LocalTransport(dest, state_dir)
     with transport as client:

@@ -1,23 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark: a sync over ssh against the same sync locally and against raw channel throughput.
+"""Benchmark: lvmirror's staging over ssh against OpenSSH's own single stream, side by side.
 
 Starts a temporary sshd on 127.0.0.1 (tests.harness.start_sshd, as the test
-fixture does), builds an image of mixed data (random blocks and text-like
-blocks), and times in one run:
+fixture does: its own host key, known_hosts and user key), builds an image of
+mixed data (random blocks and text-like blocks), and times, alternating, in one run:
 
-- the same initial sync (send_delta, then apply) through LocalTransport and
-  through SshTransport, with and without compression;
-- raw `cat > /dev/null` over one paramiko exec channel (lvmirror.ssh.connect:
-  aes128-gcm, raised rekey limits) with and without compression, and with
-  aes128-ctr;
-- raw `cat > /dev/null` over OpenSSH's own `ssh` client.
+- OpenSSH: `ssh -c CIPHER host 'cat > /dev/null'` of the same bytes, for
+  aes128-gcm (what the openssh transport picks) and aes128-ctr (what Debian 12's
+  paramiko 2.12 has to use, having no GCM);
+- a raw paramiko channel running `cat > /dev/null` (lvmirror.ssh.connect: its
+  cipher choice, raised rekey limits);
+- lvmirror staging an initial sync of the image (send_delta: send + verify +
+  fsync on the receiver) over paramiko (ssh_transport = "paramiko") and over
+  OpenSSH's ssh (ssh_transport = "openssh"); locally too, for scale.
 
-Reports the receive phase of the ssh sync as a ratio of paramiko's raw rate
-(target >= 80%), and whether compression pays on this data.  On loopback
-both ends share this host's CPUs, so the numbers are lower bounds for a real
-link between two hosts.  Needs root-free sshd and ssh (openssh-server).
+Each raw stream is timed from the first byte (the handshake is excluded: the remote
+command says "go" first).  Rates are stream bytes per second, medians of --reps
+runs, with ratios to OpenSSH with the cipher paramiko negotiated.  Peak RSS: this
+process (the sender, every run) and the openssh transport's ssh client.  On loopback both ends
+share this host's CPUs (sshd and the receiver too), so staging rates are lower
+bounds for two hosts.
 
-    .venv/bin/python scripts/bench/bench_ssh.py [--size-mib 256] [--text 0.5]
+    .venv/bin/python scripts/bench/bench_ssh.py --size-mib 256 --reps 5
+    .venv-debian/bin/python scripts/bench/bench_ssh.py --size-mib 256 --reps 5   # Debian's paramiko 2.12
 """
 
 from __future__ import annotations
@@ -25,22 +30,29 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import paramiko  # noqa: E402
 
 from lvdeltafs.delta import Delta, FileReader, Identity  # noqa: E402
 from lvdeltafs.extents import DATA, Extents  # noqa: E402
 from lvmirror import ssh  # noqa: E402
 from lvmirror.encoder import DeltaStream  # noqa: E402
+from lvmirror.openssh import OpenSshTransport  # noqa: E402
 from lvmirror.transports import LocalTransport, SshTransport  # noqa: E402
 from tests.harness import Sshd, start_sshd  # noqa: E402
 
 MiB = 1 << 20
+READY = "echo go; exec cat > /dev/null"  # the remote says "go" once the channel is up: time from there
 
 
 def text_block(rnd: random.Random) -> bytes:
@@ -74,31 +86,36 @@ def init_source(path: Path) -> tuple[DeltaStream, str, FileReader]:
     return DeltaStream(delta), ident.delta_id, reader
 
 
-def timed_sync(transport, source: DeltaStream, delta_id: str) -> tuple[float, float]:
-    """(seconds to stage the stream on the receiver, seconds to apply it)."""
-    with transport as rc:
-        t0 = time.perf_counter()
-        rc.send_delta(source, delta_id)
-        t1 = time.perf_counter()
-        rc.apply()
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+SSH_PEAK_KIB = [0]  # the largest VmHWM of an ssh client the openssh transport ran
 
 
-def raw_paramiko(server: Sshd, blocks: list[bytes], *, compress: bool = False,
-                 ciphers: tuple[str, ...] | None = None) -> tuple[float, str]:
-    """Seconds to push ``blocks`` through `cat > /dev/null` on one paramiko channel; the cipher used."""
-    saved = ssh.FAST_CIPHERS
-    if ciphers:
-        ssh.FAST_CIPHERS = ciphers
+def stage(transport, image: Path) -> tuple[float, int]:
+    """(seconds to stage the image's initial delta on the receiver, stream bytes)."""
+    source, delta_id, reader = init_source(image)
     try:
-        t = ssh.connect(server.host, server.port, server.user, ssh.load_key(server.client_key),
-                        ssh.KnownHosts(server.known_hosts), compress=compress)
+        with transport as rc:
+            rc.hello()
+            t0 = time.perf_counter()
+            rc.send_delta(source, delta_id)
+            seconds = time.perf_counter() - t0
+            proc = getattr(getattr(transport, "link", None), "proc", None)
+            if proc is not None:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                hwm = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:"))
+                SSH_PEAK_KIB[0] = max(SSH_PEAK_KIB[0], hwm)
+            return seconds, source.size
     finally:
-        ssh.FAST_CIPHERS = saved
+        reader.close()
+
+
+def raw_paramiko(server: Sshd, blocks: list[bytes]) -> tuple[float, str]:
+    """Seconds to push ``blocks`` through `cat > /dev/null` on one paramiko channel; the cipher used."""
+    t = ssh.connect(server.host, server.port, server.user, ssh.load_key(server.client_key),
+                    ssh.KnownHosts(server.known_hosts))
     try:
         chan = t.open_session(window_size=ssh.WINDOW)
-        chan.exec_command("cat > /dev/null")
+        chan.exec_command(READY)
+        assert chan.makefile("rb").readline() == b"go\n"
         t0 = time.perf_counter()
         for blk in blocks:
             chan.sendall(blk)
@@ -109,13 +126,14 @@ def raw_paramiko(server: Sshd, blocks: list[bytes], *, compress: bool = False,
         t.close()
 
 
-def raw_openssh(server: Sshd, blocks: list[bytes], cipher: str | None = None) -> float:
-    argv = ["ssh", "-i", str(server.client_key), "-o", f"UserKnownHostsFile={server.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(server.port)]
-    if cipher:
-        argv += ["-c", cipher]
-    proc = subprocess.Popen([*argv, f"{server.user}@{server.host}", "cat > /dev/null"],
-                            stdin=subprocess.PIPE)
+def raw_openssh(server: Sshd, blocks: list[bytes], cipher: str) -> float:
+    argv = ["ssh", "-F", "none", "-i", str(server.client_key),
+            "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "Compression=no",
+            "-p", str(server.port), "-c", cipher, "-l", server.user, "--", server.host, READY]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout.readline() == b"go\n"
     t0 = time.perf_counter()
     for blk in blocks:
         proc.stdin.write(blk)
@@ -124,17 +142,12 @@ def raw_openssh(server: Sshd, blocks: list[bytes], cipher: str | None = None) ->
     return time.perf_counter() - t0
 
 
-def rate(nbytes: int, seconds: float) -> str:
-    return f"{nbytes / seconds / 1e6:7.1f} MB/s"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--text", type=float, default=0.5, help="fraction of text-like blocks (rest random)")
-    ap.add_argument("--reps", type=int, default=3, help="syncs per transport, alternating; best is shown")
+    ap.add_argument("--reps", type=int, default=5, help="runs of each, alternating; medians are shown")
     args = ap.parse_args()
-
     with tempfile.TemporaryDirectory(prefix="bench-ssh-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         (work / "sshd").mkdir()
@@ -151,53 +164,58 @@ def run(server: Sshd, work: Path, args: argparse.Namespace) -> None:
     with open(image, "rb") as f:
         blocks = [f.read(MiB) for _ in range(args.size_mib)]
     total = len(blocks) * MiB
-    print(f"data: {args.size_mib} MiB, {args.text:.0%} text-like blocks, {os.cpu_count()} CPUs, loopback")
-
-    print("\nraw `cat > /dev/null`, one channel:")
-    raw_s, cipher = raw_paramiko(server, blocks)
-    print(f"  paramiko {cipher:30s} {rate(total, raw_s)}")
-    ctr_s, cipher = raw_paramiko(server, blocks, ciphers=("aes128-ctr",))
-    print(f"  paramiko {cipher:30s} {rate(total, ctr_s)}")
-    zraw_s, cipher = raw_paramiko(server, blocks, compress=True)
-    print(f"  paramiko {cipher + ' +zlib':30s} {rate(total, zraw_s)}")
-    for c in (None, "aes128-gcm@openssh.com"):
-        print(f"  OpenSSH  {c or 'default cipher':30s} {rate(total, raw_openssh(server, blocks, c))}")
-
-    print(f"\ninitial sync of the image, best of {args.reps} (stream bytes; stage = send + verify + fsync "
-          "on the receiver, then apply):")
+    load = os.getloadavg()
+    print(f"data: {args.size_mib} MiB, {args.text:.0%} text-like blocks; {os.cpu_count()} CPUs, loopback; "
+          f"paramiko {paramiko.__version__}; load average at start {load[0]:.2f}")
     url = f"ssh://{server.user}@{server.host}:{server.port}"
-    makers = {
-        "local": lambda d: LocalTransport(str(d)),
-        "ssh": lambda d: SshTransport(f"{url}{d}", str(server.client_key), str(server.known_hosts)),
-        "ssh+zlib": lambda d: SshTransport(f"{url}{d}", str(server.client_key), str(server.known_hosts),
-                                           compress=True),
-    }
-    results: dict[str, tuple[float, float]] = {}
-    stream_size = 0
-    for _ in range(args.reps):
-        for name, make in makers.items():
-            dest = work / f"dest-{name}.img"
-            source, delta_id, reader = init_source(image)
-            stream_size = source.size
-            try:
-                stage, apply = timed_sync(make(dest), source, delta_id)
-            finally:
-                reader.close()
-            results[name] = min(results.get(name, (stage, apply)), (stage, apply))
-            for p in (dest, Path(f"{dest}.lvmirror-state")):
-                p.unlink()
-    for name, (stage, apply) in results.items():
-        print(f"  {name:9s} stage {rate(stream_size, stage)}  apply {apply:5.2f} s  "
-              f"whole {rate(stream_size, stage + apply)}")
+    key, known = str(server.client_key), str(server.known_hosts)
+    gcm, ctr = "aes128-gcm@openssh.com", "aes128-ctr"
+    cipher_of_paramiko = ""
 
-    stage_ssh = results["ssh"][0]
-    ratio = raw_s / stage_ssh * stream_size / total
-    print(f"\nssh stage rate / paramiko raw rate: {ratio:.0%} (target >= 80%)")
-    print(f"ssh stage rate / local stage rate:  {results['local'][0] / stage_ssh:.0%}")
-    pays = results["ssh+zlib"][0] < stage_ssh
-    print(f"compression {'pays' if pays else 'does not pay'} on this data over loopback: stage "
-          f"{results['ssh+zlib'][0]:.2f} s with zlib vs {stage_ssh:.2f} s without (on a slow link "
-          "it pays by the compression ratio of the data)")
+    def paramiko_raw() -> tuple[float, int]:
+        nonlocal cipher_of_paramiko
+        seconds, cipher_of_paramiko = raw_paramiko(server, blocks)
+        return seconds, total
+
+    n = 0
+
+    def dest() -> Path:
+        nonlocal n
+        n += 1
+        return work / f"dest-{n}.img"
+
+    cases: dict[str, Callable[[], tuple[float, int]]] = {
+        f"OpenSSH cat, {gcm}": lambda: (raw_openssh(server, blocks, gcm), total),
+        f"OpenSSH cat, {ctr}": lambda: (raw_openssh(server, blocks, ctr), total),
+        "paramiko raw channel": paramiko_raw,
+        "staging over paramiko": lambda: stage(SshTransport(f"{url}{dest()}", key, known), image),
+        "staging over openssh": lambda: stage(OpenSshTransport(f"{url}{dest()}", key, known), image),
+        "staging locally": lambda: stage(LocalTransport(str(dest())), image),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.reps):
+        for name, case in cases.items():
+            seconds, nbytes = case()
+            rates[name].append(nbytes / seconds / 1e6)
+            for p in work.glob("dest-*"):
+                p.unlink()
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    same = f"OpenSSH cat, {cipher_of_paramiko}" if f"OpenSSH cat, {cipher_of_paramiko}" in medians else None
+    base = medians[same or f"OpenSSH cat, {gcm}"]
+    print(f"\nmedians of {args.reps} (MB/s; ratio to {same or 'OpenSSH cat, ' + gcm}; paramiko negotiated "
+          f"{cipher_of_paramiko}):")
+    for name, rate in medians.items():
+        spread = ", ".join(f"{r:.0f}" for r in rates[name])
+        print(f"  {name + ':':34s} {rate:7.1f} MB/s  {rate / base:5.0%}   ({spread})")
+    print(f"  openssh staging / paramiko staging: "
+          f"{medians['staging over openssh'] / medians['staging over paramiko']:.2f}")
+    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: this process (the sender of every run, with the {args.size_mib} MiB of blocks held "
+          f"for the raw streams) {me:.0f} MiB; the openssh transport's ssh client "
+          f"{SSH_PEAK_KIB[0] / 1024:.1f} MiB")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    print(f"reproduce: {Path(sys.executable).parent.parent.name}/bin/python scripts/bench/bench_ssh.py "
+          f"--size-mib {args.size_mib} --text {args.text} --reps {args.reps}")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ from tests.harness import V1, assert_clean_exit, delta, run_cli
 COMMANDS = ["init", "sync", "check", "status", "apply", "discard"]
 OPTIONS = ["-v", "-q", "-h", "--help", "--version", "-c", "--config", "-a", "--all", "--initial", "--check",
            "--repair", "-n", "--dry-run", "--force", "--state-dir", "--ssh-key", "--known-hosts", "--dest",
-           "--json", "--max-age", "--bwlimit", "--compress", "--bogus", "--", "-"]
+           "--ssh-transport", "openssh", "paramiko", "--json", "--max-age", "--bwlimit", "--compress",
+           "--bogus", "--", "-"]
 PATHS = ["cfg", "delta", "deltadir", "garbage", "fifo", "socket", "dir", "mirror.img", "cfg/x", "no/such",
          ".", "/dev/null", "/dev/zero", "x" * 300, "d/" * 2100 + "x"]
 NAMES = ["web", "db", "nosuch", "", " ", "\x1b[2J", "a\nb", "\x7f", "\x9b31m", "\x00", "\udcff", "\u202e"]
 URLS = ["ssh://h/x", "ssh://h:0/x", "ssh://h:99999/x", "ssh://-oProxyCommand=x/y", "ssh://u@h:22/",
-        "ssh://h\n/x", "ssh://[::1/x", "ssh://user:pw@h/x", "ssh:///x", "host:/x"]
+        "ssh://h\n/x", "ssh://[::1/x", "ssh://user:pw@h/x", "ssh:///x", "host:/x", "ssh://u;id@h/x"]
 
 token = st.one_of(st.sampled_from(COMMANDS), st.sampled_from(OPTIONS), st.sampled_from(PATHS),
                   st.sampled_from(NAMES), st.sampled_from(URLS), st.integers(-(2**70), 2**70).map(str),
@@ -46,6 +47,8 @@ wellformed = st.one_of(
     st.tuples(st.sampled_from(PATHS), where).map(lambda t: ["apply", *t]),
     st.tuples(st.sampled_from(["--force", "--state-dir", "--ssh-key", "--known-hosts"]),
               st.sampled_from(PATHS), st.sampled_from(PATHS), where).map(lambda t: ["apply", *t]),
+    st.tuples(st.sampled_from(["openssh", "paramiko", "OpenSSH", ""]), st.sampled_from(PATHS), where)
+    .map(lambda t: ["apply", "--ssh-transport", *t]),
     st.tuples(st.sampled_from(["init", "sync", "check", "discard"]), volume).map(list),
     st.tuples(st.sampled_from(["sync", "check"]), volume, st.sampled_from(["--repair", "-n", "--check"]))
     .map(list),

@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from lvdeltafs.errors import ConnectionProblem, LvError
@@ -352,6 +353,22 @@ def test_rekey_limits_are_raised_and_over_512_mib_flows_on_one_connection(sshd):
         elapsed = time.monotonic() - t0
         assert t.is_active()
         print(f"600 MiB over one channel in {elapsed:.1f} s ({total / elapsed / 1e6:.0f} MB/s)")
+    finally:
+        t.close()
+
+
+def test_paramiko_2_packets_skip_the_slow_bytes_conversion(sshd):
+    # paramiko < 3 formats every packet's repr on its way out unless it is handed bytes (lvmirror.ssh).
+    hosts = ssh.KnownHosts(sshd.known_hosts)
+    t = ssh.connect(sshd.host, sshd.port, sshd.user, ssh.load_key(sshd.client_key), hosts)
+    try:
+        wrapped = "send_message" in vars(t.packetizer)
+        assert wrapped == (int(paramiko.__version__.split(".")[0]) < 3)
+        chan = t.open_session()
+        chan.exec_command("cat")
+        chan.sendall(b"x" * 100_000)
+        chan.shutdown_write()
+        assert len(chan.makefile("rb").read()) == 100_000 and chan.recv_exit_status() == 0
     finally:
         t.close()
 

@@ -659,7 +659,7 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
     "destination": _mostly(st.sampled_from([
         '"/x.img"', '"/srv/m//x.img"', '"/srv/m/./x.img"', '"ssh://h/x"', '"ssh://H:22/x"', '"ssh://root@h/x"',
         '"/dev/vg0/web"', '"/dev/mapper/vg0-web"', '"/dev/vg1/data"', '"/dev/mapper/vg1-data"',
-        '"ssh://[::1]/x"', '"ssh://[0::1]:22/x"', '"ssh://h:0/x"', '"/srv/../x"'])),
+        '"ssh://[::1]/x"', '"ssh://[0::1]:22/x"', '"ssh://h:0/x"', '"/srv/../x"', '"ssh://u;x@h/x"'])),
     "snapshot_size": _mostly(st.sampled_from(['"1G"', '"0.5M"', "4096", '"0G"', '"1G"'])),
     "keep": _mostly(st.sampled_from(["1", "2", "3", "0"])),
     **{k: _mostly(_PATHS.map(lambda p: f'"{p}"')) for k in ("state_dir", "ssh_key", "known_hosts",
@@ -669,6 +669,7 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
     "bwlimit": _mostly(st.sampled_from(['"12M"', '"off"', "0", "4194304", '"-1M"', '"12"', '"2T"', '"1s"'])),
     "exact": _mostly(st.sampled_from(["true", "false", '"true"', "1"])),
     "compress": _mostly(st.sampled_from(['"auto"', '"off"', '"zlib"', '"gzip"', "true", '"AUTO"'])),
+    "ssh_transport": _mostly(st.sampled_from(['"paramiko"', '"openssh"', '"OpenSSH"', "true"])),
 }
 
 
@@ -693,3 +694,60 @@ def test_fuzz_structured_config(tmp_path, volumes, defaults):
     for name, body in volumes:
         lines += [f"[volume.{name}]", *body]
     _load_bytes(tmp_path, ("\n".join(lines) + "\n").encode())
+
+
+# ---- ssh_transport ----------------------------------------------------------------------------
+
+SSH_VOL = VOL + "destination = 'ssh://backup@mirror.example:2222/srv/web.img'\n"
+
+
+def test_ssh_transport_defaults_to_paramiko_and_inherits_from_defaults(tmp_path):
+    assert load_text(tmp_path, SSH_VOL).volume("web").ssh_transport == "paramiko"
+    c = load_text(tmp_path, "[defaults]\nssh_transport = 'openssh'\n" + SSH_VOL)
+    assert c.volume("web").ssh_transport == "openssh"
+    c = load_text(tmp_path, "[defaults]\nssh_transport = 'openssh'\n" + SSH_VOL
+                  + "ssh_transport = 'paramiko'\n")
+    assert c.volume("web").ssh_transport == "paramiko"
+
+
+@pytest.mark.parametrize("value", ["'OpenSSH'", "'ssh'", "''", "1", "true", "['openssh']"])
+def test_ssh_transport_must_be_one_of_the_two(tmp_path, value):
+    expect(tmp_path, SSH_VOL + f"ssh_transport = {value}\n", "[volume.web] ssh_transport", '"paramiko"',
+           '"openssh"')
+    expect(tmp_path, f"[defaults]\nssh_transport = {value}\n" + SSH_VOL, "ssh_transport", '"openssh"')
+
+
+@pytest.mark.parametrize("dest, fragment", [
+    ("ssh://u;touch${IFS}x@host/x", "user"),
+    ("ssh://u x@host/x", "user"),
+    ("ssh://u$(id)@host/x", "user"),
+    ("ssh://'u'@host/x", "user"),
+    ("ssh://@u@host/x", "user"),
+    ("ssh://-oProxyCommand=x/y", "not a host name"),
+    ("ssh://h;x/y", "not a host name"),
+    ("ssh://h x/y", "not a host name"),
+])
+def test_openssh_refuses_names_ssh_would_read_as_syntax(tmp_path, dest, fragment):
+    err = expect(tmp_path, VOL + f"destination = \"{dest}\"\nssh_transport = 'openssh'\n", "destination",
+                 fragment)
+    assert err.exit_code == EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize("key", ["ssh_key", "known_hosts"])
+@pytest.mark.parametrize("path", ["/etc/lvmirror/my key", "/etc/lvmirror/key%h", "/etc/lvmirror/k'y",
+                                  '/etc/lvmirror/k\\"y'])
+def test_openssh_refuses_paths_ssh_would_split_or_expand(tmp_path, key, path):
+    text = SSH_VOL + f"ssh_transport = 'openssh'\n{key} = \"{path}\"\n"
+    expect(tmp_path, text, f"[volume.web] {key}", "ssh reads")
+    # paramiko reads the file by its name: the same path is fine there.
+    vol = load_text(tmp_path, text.replace("'openssh'", "'paramiko'")).volume("web")
+    assert vol.ssh_transport == "paramiko"
+
+
+def test_openssh_accepts_ordinary_names_and_local_destinations(tmp_path):
+    text = (VOL + "destination = 'ssh://back_up.2@Mirror-1.example:2222/srv/web.img'\n"
+            "ssh_transport = 'openssh'\nssh_key = '/root/.ssh/id_ed25519'\n"
+            "known_hosts = '/etc/lvmirror/known_hosts'\n")
+    assert load_text(tmp_path, text).volume("web").ssh_transport == "openssh"
+    # A local destination has no ssh to run: the key is allowed and ignored there.
+    assert load_text(tmp_path, VOL + "destination = '/x.img'\nssh_transport = 'openssh'\n").volume("web")
