@@ -107,9 +107,14 @@ class Delta:
     # Bytes of the source's data ranges found equal to the base and left out (lvdeltafs.exact);
     # None when the delta was not refined.
     unchanged_bytes: int | None = None
+    # The base's bytes, where they can still be read (a sync's base snapshot): a sender may then leave
+    # out blocks that did not really change (lvmirror sends them so while the link is the bottleneck).
+    base: TargetReader | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         return self.target.pread(offset, length)
 
     def close(self) -> None:
         self.target.close()
+        if self.base is not None:
+            self.base.close()

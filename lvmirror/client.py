@@ -304,8 +304,9 @@ class ReceiverClient:
                         "delta_id": delta_id}
             offset = staged.verified
             if offset:
-                log.info("resuming delta %s at byte %d: the receiver holds what comes before verified",
-                         delta_id, offset)
+                of = f" of {source.size}" if source.size else " (compressed: its size is not known ahead)"
+                log.info("resuming delta %s at byte %d%s: the receiver holds what comes before verified",
+                         delta_id, offset, of)
         ready = self.request("receive", delta_id=delta_id, from_offset=offset,
                              identity=header.get("identity"), stream_size=source.size or 0, force=force)
         what = "the receiver's reply to receive"

@@ -169,8 +169,9 @@ def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = Fals
         source.progress = bar.update
         client.send_delta(source, delta_id, force=force)
     if policy.compresses:
-        log.info("%s: %s; %s sent for %s of data", label, policy.describe(), human(client.bytes_sent),
-                 human(delta.extents.data_bytes))
+        same = f" ({human(source.unchanged)} unchanged since the base not sent)" if source.unchanged else ""
+        log.info("%s: %s; %s sent for %s of data%s", label, policy.describe(), human(client.bytes_sent),
+                 human(delta.extents.data_bytes), same)
     reply = client.apply()
     if spool_dir:
         spool.forget(spool_dir, delta_id)
@@ -314,8 +315,13 @@ def _sync_delta(vol: VolumeConfig, client: ReceiverClient, greeting: Hello, base
     if base is not None and base.usable:
         assert base.snapshot is not None
         delta = pairs.lvm_delta(base.snapshot.vg_lv, snap.vg_lv)
-        # Refined before send() builds the stream and spools its ranges: a resume rebuilds from those.
-        return deltas.exact_delta(delta, base.snapshot.path, vol.name) if vol.exact else delta
+        if vol.exact:
+            # Refined before send() builds the stream and spools its ranges: a resume rebuilds from those.
+            return deltas.exact_delta(delta, base.snapshot.path, vol.name)
+        if vol.compress != "off":
+            # While compression pays the link is the bottleneck: the encoder then compares with the base.
+            delta.base = FileReader(base.snapshot.path, snapshots.size_of(base.snapshot))
+        return delta
     return deltas.compare_delta(client, greeting, source.uuid, snap.snapshot_id, snap.path,
                                 snapshots.size_of(snap))
 

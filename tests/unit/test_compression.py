@@ -293,3 +293,44 @@ def test_compressed_sync_through_the_receiver(tmp_path):
         send(rc, memory_delta(OLD, NEW, "vol@1", "vol@2"), "sync", compress="zlib")
         assert rc.hello().state["snapshot"] == "vol@2"
     assert sha_file(dest) == sha(NEW) and staging_files(dest) == []
+
+
+def test_a_dry_run_estimates_the_compressed_size_and_times_the_cap_by_it():
+    from lvmirror.pipelines import Outcome
+    out = Outcome("web", "sync", "snap@2", 600 * MiB, 0, 12, dry_run=True, bwlimit=12 * MiB,
+                  stream_bytes=600 * MiB + 4096, compress_ratio=0.5)
+    assert out.summary() == ("web: sync would send 600.0 MiB of data in 12 ranges and 0 B of zeros; "
+                             "compressed (estimated from a sample) the data would be about 300.0 MiB; "
+                             "at the cap of 12.0 MiB/s sending 300.0 MiB takes about 25s")
+
+
+def test_changed_runs_finds_the_differing_blocks_and_the_tail():
+    from lvmirror.encoder import changed_runs
+    base = bytearray(text(10 * 4096 + 100, 11))
+    data = bytearray(base)
+    for block in (0, 3, 4, 9):
+        data[block * 4096 + 7] ^= 1
+    assert changed_runs(bytes(data), bytes(base)) == [(0, 4096), (3 * 4096, 2 * 4096), (9 * 4096, 4096)]
+    data[-1] ^= 1
+    assert changed_runs(bytes(data), bytes(base))[-1] == (9 * 4096, 4096 + 100)
+    assert changed_runs(bytes(base), bytes(base)) == []
+
+
+def test_while_compressing_only_blocks_that_differ_from_the_base_are_sent():
+    """A classic snapshot marks a whole chunk for any write: with the base readable, the rest stays home."""
+    from lvdeltafs.delta import Delta
+    from lvdeltafs.extents import DATA, Extents
+    from tests.harness import MemoryReader, memory_delta
+    ident = memory_delta(OLD, NEW, "vol@1", "vol@2").identity
+    marked = Extents.from_ranges([0], [len(NEW)], DATA, len(NEW))  # everything marked changed
+
+    def delta(base):
+        return Delta(ident, marked, MemoryReader(NEW), base=base)
+    same = sum(4096 for o in range(0, len(NEW), 4096) if NEW[o:o + 4096] == OLD[o:o + 4096])
+    lean = DeltaStream(delta(MemoryReader(OLD)), Policy("zlib"))
+    blob = stream_of(lean)
+    assert apply_records(OLD, blob) == NEW
+    assert lean.unchanged == same > 3 * MiB
+    assert len(blob) < len(stream_of(DeltaStream(delta(None), Policy("zlib")))) / 2
+    plain = DeltaStream(delta(MemoryReader(OLD)), Policy("off"))  # not compressing: everything marked
+    assert apply_records(OLD, stream_of(plain)) == NEW and plain.unchanged == 0
