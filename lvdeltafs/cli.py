@@ -76,10 +76,12 @@ def check_pair(base: str, target: str, source: str = "auto", option: str = "") -
 @click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
               help="How to read file arguments: a COW store, or a block compare.")
 def ranges(base: str, target: str, source: str) -> None:
-    from lvdeltafs.extents import format_ranges
     delta = _open(base, target, source)
     try:
-        sys.stdout.write(format_ranges(delta.extents))
+        # Block by block to the byte stream: millions of lines never become one string.
+        sys.stdout.flush()
+        delta.extents.write_text(sys.stdout.buffer.write)
+        sys.stdout.buffer.flush()
     finally:
         delta.close()
 

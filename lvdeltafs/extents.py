@@ -7,15 +7,22 @@ and every constructor is vectorised: no Python object per extent.
 Invariants of an :class:`Extents` (every constructor establishes them):
 offsets ascending, every length > 0, ranges never overlap, and two ranges
 that touch always differ in kind (adjacent same-kind ranges are coalesced).
+
+Speed and memory choices: ``from_chunks`` takes uint32 chunk numbers as they
+are and finds runs block by block, so its only full-size arrays are the
+results (16 bytes a range; an all-DATA kinds array is calloc'd zero pages);
+the `ranges` text is formatted by :mod:`lvdeltafs.rangetext`, in numpy
+blocks, and written block by block.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from lvdeltafs import rangetext
 from lvdeltafs.errors import BadInput
 
 DATA = 0
@@ -59,13 +66,18 @@ class Extents:
 
     @classmethod
     def from_chunks(cls, chunk_indices: np.ndarray, chunk_size: int, size: int, kind: int = DATA) -> Extents:
-        """Ranges covering the given chunks: sorted, deduplicated, runs coalesced, clipped to ``size``."""
+        """Ranges covering the given chunks: sorted, deduplicated, runs coalesced, clipped to ``size``.
+
+        uint32 and uint64 indices are used as they are (no uint64 copy of a uint32 array).
+        """
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        idx = _u64(chunk_indices)
+        idx = np.asarray(chunk_indices).ravel()
+        if idx.dtype not in (np.uint32, _U64):
+            idx = _u64(idx)
         # Sources usually hand chunks over in order; checking is far cheaper than sorting.
         # (np.unique is avoided: numpy 2.x hashes, which is ~100x slower than sort here.)
-        if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
+        if idx.size > 1 and not _strictly_ascending(idx):
             idx = np.sort(idx)
             dup = np.zeros(idx.size, dtype=bool)
             np.equal(idx[1:], idx[:-1], out=dup[1:])
@@ -73,22 +85,11 @@ class Extents:
                 idx = idx[~dup]
         # Chunks starting at or past the end of the volume are not part of it.
         nchunks = -(-size // chunk_size)
-        if idx.size and idx[-1] >= nchunks:
-            idx = idx[: np.searchsorted(idx, _U64(nchunks))]
+        if idx.size and int(idx[-1]) >= nchunks:
+            idx = idx[: np.searchsorted(idx, idx.dtype.type(nchunks))]  # nchunks <= idx[-1]: it fits
         if idx.size == 0:
             return cls.empty()
-        # A run starts wherever the previous index is not exactly one less.
-        # Built in place: tens of millions of chunks must fit in ~40 bytes each.
-        starts_mask = np.empty(idx.size, dtype=bool)
-        starts_mask[0] = True
-        np.not_equal(idx[1:], idx[:-1] + _U64(1), out=starts_mask[1:])
-        first = np.flatnonzero(starts_mask)
-        del starts_mask
-        offsets = idx[first]
-        lengths = np.empty(first.size, dtype=_U64)
-        np.subtract(first[1:], first[:-1], out=lengths[:-1], casting="unsafe")
-        lengths[-1] = idx.size - first[-1]
-        del first
+        offsets, lengths = _runs(idx)
         cs = _U64(chunk_size)
         offsets *= cs
         lengths *= cs
@@ -96,7 +97,9 @@ class Extents:
         end = int(offsets[-1]) + int(lengths[-1])
         if end > size:
             lengths[-1] -= _U64(end - size)
-        return cls(offsets, lengths, np.full(offsets.size, kind, np.uint8))
+        # np.zeros is calloc'd: an all-DATA kinds array stays unbacked zero pages (no resident memory).
+        kinds = np.zeros(offsets.size, np.uint8) if kind == 0 else np.full(offsets.size, kind, np.uint8)
+        return cls(offsets, lengths, kinds)
 
     @classmethod
     def from_ranges(
@@ -166,6 +169,8 @@ class Extents:
 
     def clip(self, size: int) -> Extents:
         """Drop what lies at or past ``size`` (a volume that shrank)."""
+        if self.end <= size:
+            return self  # immutable: nothing to copy (the usual case, a volume that did not shrink)
         n = int(np.searchsorted(self.offsets, _U64(size), side="left"))
         offsets, lengths = self.offsets[:n], self.lengths[:n].copy()
         if n:
@@ -180,6 +185,12 @@ class Extents:
         clipped = self.clip(new_size)
         if new_size <= old_size:
             return clipped
+        end = clipped.end
+        if end < old_size or (end == old_size and (not len(clipped) or clipped.kinds[-1] != DATA)):
+            # The tail lies past every range and touches none of its kind: appended, not merged.
+            return Extents(np.append(clipped.offsets, _U64(old_size)),
+                           np.append(clipped.lengths, _U64(new_size - old_size)),
+                           np.append(clipped.kinds, np.uint8(DATA)))
         tail = Extents(np.array([old_size], _U64), np.array([new_size - old_size], _U64),
                        np.array([DATA], np.uint8))
         return clipped.union(tail)
@@ -257,24 +268,71 @@ class Extents:
 
     def line_lengths(self) -> np.ndarray:
         """Byte length of each line of the ranges text, computed without formatting it."""
-        return _digits(self.offsets) + _digits(self.lengths) + _U64(2 + 4 + 1)  # 2 spaces, kind, newline
+        return rangetext.line_lengths(self.offsets, self.lengths)
+
+    def format_bytes(self, start: int = 0, stop: int | None = None) -> bytes:
+        """The ranges text of extents ``start`` to ``stop``, as ASCII bytes."""
+        sl = slice(start, stop)
+        return rangetext.format_text(self.offsets[sl], self.lengths[sl], self.kinds[sl])
 
     def format_lines(self, start: int = 0, stop: int | None = None) -> str:
         """The ranges text of extents ``start`` to ``stop``."""
-        stop = len(self) if stop is None else stop
-        return "".join(
-            f"{o} {n} {KIND_NAMES[k]}\n"
-            for o, n, k in zip(self.offsets[start:stop].tolist(), self.lengths[start:stop].tolist(),
-                               self.kinds[start:stop].tolist(), strict=True)
-        )
+        return self.format_bytes(start, stop).decode("ascii")
+
+    def write_text(self, write: Callable[[memoryview], object]) -> None:
+        """Hand the whole ranges text to ``write`` block by block (each block valid only during the call)."""
+        rangetext.write_text(self.offsets, self.lengths, self.kinds, write)
 
 
-_POW10 = np.array([10**i for i in range(1, 20)], dtype=_U64)
+# Chunks per block when finding runs: the block's temporaries stay in cache and, for tens of
+# millions of chunks, need no memory beyond the result (the bound is ~20 bytes a chunk in all).
+_RUN_BLOCK = 1 << 16
 
 
-def _digits(a: np.ndarray) -> np.ndarray:
-    """Number of decimal digits of each uint64."""
-    return np.searchsorted(_POW10, a, side="right").astype(_U64) + _U64(1)
+def _strictly_ascending(idx: np.ndarray) -> bool:
+    for i in range(0, idx.size - 1, _RUN_BLOCK):
+        blk = idx[i:i + _RUN_BLOCK + 1]
+        if not (blk[1:] > blk[:-1]).all():
+            return False
+    return True
+
+
+def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and lengths, in chunks (uint64), of the runs of consecutive values of ``idx``.
+
+    ``idx`` is sorted and unique. The k-th run start and the k-th run end are
+    found block by block (a run may cross blocks), so the only full-size
+    arrays are the two results.  They are allocated for one run per chunk and
+    filled as far as needed: the pages past the last run are never touched, so
+    never resident.
+    """
+    n = idx.size
+    offsets = np.empty(n, _U64)
+    lengths = np.empty(n, _U64)
+    n_starts = n_ends = 0
+    step = np.empty(min(n, _RUN_BLOCK) + 1, bool)
+    gap = np.empty(min(n, _RUN_BLOCK), idx.dtype)
+    for i in range(0, n, _RUN_BLOCK):
+        blk = idx[i:i + _RUN_BLOCK + 1]  # one past the block: whether its last chunk ends a run
+        k = min(_RUN_BLOCK, n - i)
+        # step[j]: a run starts at blk[j] (j < k); step[j + 1] also says blk[j] ends one.
+        st = step[:blk.size + (1 if blk.size == k else 0)]
+        st[0] = i == 0 or int(idx[i - 1]) + 1 != int(blk[0])
+        np.subtract(blk[1:], blk[:-1], out=gap[:blk.size - 1])
+        np.not_equal(gap[:blk.size - 1], 1, out=st[1:blk.size])
+        if blk.size == k:  # the last block: its last chunk ends the last run
+            st[k] = True
+        starts = blk[:k][st[:k]]
+        ends = blk[:k][st[1:k + 1]]
+        offsets[n_starts:n_starts + starts.size] = starts
+        lengths[n_ends:n_ends + ends.size] = ends
+        n_starts += starts.size
+        n_ends += ends.size
+    offsets, lengths = offsets[:n_starts], lengths[:n_ends]
+    # lengths held each run's last chunk: the run is last - first + 1 chunks.
+    np.subtract(lengths, offsets, out=lengths)
+    lengths += _U64(1)
+    return offsets, lengths
 
 
 def _union(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

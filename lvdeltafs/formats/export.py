@@ -123,8 +123,7 @@ def _stage_all(delta: Delta, staging: _Staging) -> None:
     files = DeltaFiles(delta)
     ranges: RangesView = files["ranges"]
     fd = staging.new("ranges")
-    for i in range(0, len(ranges.extents), 65536):
-        write_all(fd, ranges.extents.format_lines(i, i + 65536).encode())
+    ranges.extents.write_text(lambda block: write_all(fd, block))
     staging.done("ranges")
 
     manifest: ManifestView = files["manifest.json"]

@@ -58,7 +58,7 @@ class RangesView:
         i = int(np.searchsorted(self._cum, _U64(start), side="right")) - 1
         j = int(np.searchsorted(self._cum, _U64(end), side="left"))
         base = int(self._cum[i])
-        return self.extents.format_lines(i, j).encode()[start - base:end - base]
+        return self.extents.format_bytes(i, j)[start - base:end - base]
 
 
 class _DataExtents:

@@ -12,6 +12,15 @@ kernel's ``drivers/md/dm-snap-persistent.c``:
 
 Tables run to tens of millions of records, so everything here works on numpy
 arrays a batch of areas at a time: no Python object per record.
+
+Speed and memory choices (the `ranges` of 10 M exceptions in ~20 bytes each):
+
+- Origin chunk numbers are kept as uint32 whenever they fit (any origin under
+  16 TiB in 4 KiB chunks): half the memory of uint64, and numpy sorts 32-bit
+  keys 1.7x (AVX-512) to 4x (AVX2) faster than 64-bit ones.  ``old_chunks``
+  still hands out uint64; ``cow_extents`` works on the compact keys.
+- The per-batch copies are the only copy until the sort, which is in place;
+  duplicates (never written by the kernel) cost a pass only when present.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ MAX_BATCH_BYTES = 16 << 20
 READ_THREADS = 16
 
 _U64 = np.uint64
-_TOP_BYTE_SHIFT = _U64(56)
+_U32_MAX = 2**32 - 1
+_DUP_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -68,18 +78,24 @@ class CowTable:
     """What a snapshot's exception store says changed in its origin.
 
     ``chunk_size`` is in bytes (0 if the store was never initialised);
-    ``old_chunks`` holds the origin chunk indices written since the snapshot
-    was taken, sorted and unique (uint64); ``new_chunks`` is how many records
-    the table holds (COW data chunks in use); ``areas`` how many metadata
-    areas were read.
+    ``chunks`` holds the origin chunk indices written since the snapshot was
+    taken, sorted and unique, as uint32 when they all fit, else uint64 (see
+    ``old_chunks`` for them as uint64); ``new_chunks`` is how many records the
+    table holds (COW data chunks in use); ``areas`` how many metadata areas
+    were read.
     """
 
     header: CowHeader
     chunk_size: int
-    old_chunks: np.ndarray
+    chunks: np.ndarray
     new_chunks: int
     areas: int
     device_size: int
+
+    @property
+    def old_chunks(self) -> np.ndarray:
+        """The origin chunk indices written, sorted and unique, as uint64 (a copy if stored as uint32)."""
+        return self.chunks.astype(_U64, copy=False)
 
     @property
     def exceptions_per_area(self) -> int:
@@ -204,11 +220,11 @@ def _walk(source: AreaSource, header: CowHeader, device_size: int, name: str,
             end = int(ends.argmax()) if ends.any() else new.size
             del ends
             _check_records(new[:end], records, epa, device_chunks, name)
-            # A copy: the batch buffer is reused for the next batch.
-            old = flat[0:2 * end:2].copy()
+            old = flat[0:2 * end:2]
             if origin_chunks is not None:
                 _check_origin(old, records, origin_chunks, name)
-            parts.append(old)
+            # A copy (the batch buffer is reused for the next batch), as uint32 when it fits.
+            parts.append(old.astype(np.uint32) if end and int(old.max()) <= _U32_MAX else old.copy())
             records += end
             if end < new.size:
                 areas += end // epa + 1  # up to the area holding the terminator
@@ -220,20 +236,23 @@ def _walk(source: AreaSource, header: CowHeader, device_size: int, name: str,
 
 
 def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
-    old = np.concatenate(parts) if parts else np.empty(0, _U64)
+    # uint32 if every part is (a uint64 part makes the whole uint64).
+    old = np.concatenate(parts) if parts else np.empty(0, np.uint32)
     del parts[:]  # free the per-batch copies before sorting
     old.sort()  # in place: no second copy of a possibly huge array
-    if old.size > 1:
-        dup = old[1:] == old[:-1]
-        if dup.any():
+    # Duplicates never come from the kernel (a corrupt or hand-made store): looked for block by
+    # block, so the usual case allocates nothing the size of the table.
+    for i in range(0, max(old.size - 1, 0), _DUP_BLOCK):
+        blk = old[i:i + _DUP_BLOCK + 1]
+        if (blk[1:] == blk[:-1]).any():
             keep = np.ones(old.size, dtype=bool)
-            np.logical_not(dup, out=keep[1:])
-            old = old[keep]
+            np.not_equal(old[1:], old[:-1], out=keep[1:])
+            return old[keep]
     return old
 
 
 def _empty_table(header: CowHeader, device_size: int) -> CowTable:
-    return CowTable(header, header.chunk_sectors * SECTOR, np.empty(0, _U64), 0, 0, device_size)
+    return CowTable(header, header.chunk_sectors * SECTOR, np.empty(0, np.uint32), 0, 0, device_size)
 
 
 # ---- from bytes ------------------------------------------------------------
@@ -400,11 +419,13 @@ def _device_source(dev: _CowDevice, chunk_size: int, pool: ThreadPoolExecutor) -
 
 def cow_extents(table: CowTable, origin_size: int) -> Extents:
     """The origin byte ranges the table says were written: every one is DATA."""
-    old = table.old_chunks
+    old = table.chunks
     if old.size == 0:
         return Extents.empty()
     if int(old[-1]) * table.chunk_size >= origin_size:
-        beyond = int(np.count_nonzero(old * _U64(table.chunk_size) >= _U64(origin_size)))
+        # Chunk c starts past the origin when c * chunk_size >= origin_size, i.e. c >= this:
+        first_beyond = -(-origin_size // table.chunk_size)
+        beyond = old.size - int(np.searchsorted(old, old.dtype.type(first_beyond)))  # <= old[-1]: fits
         raise BadInput(f"the exception store names {beyond} chunk(s) past the end of the origin "
                        f"({origin_size} bytes), the highest being chunk {int(old[-1])} of "
                        f"{table.chunk_size} bytes: it does not belong to this origin or is corrupt; "

@@ -228,3 +228,14 @@ def test_falls_back_when_o_direct_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cow.os, "open", no_direct)
     assert read_exception_table(str(path)).old_chunks.tolist() == [2, 4]
+
+
+def test_chunks_kept_as_uint32_when_they_fit(tmp_path):
+    path = tmp_path / "cow.img"
+    write_cow_image(path, 4096, [5, 2**32 - 1, 3])
+    table = read_exception_table(str(path))
+    assert table.chunks.dtype == np.uint32 and table.old_chunks.dtype == np.uint64
+    assert table.old_chunks.tolist() == [3, 5, 2**32 - 1]
+    write_cow_image(path, 4096, [5, 2**32, 3])
+    table = read_exception_table(str(path))
+    assert table.chunks.dtype == np.uint64 and table.old_chunks.tolist() == [3, 5, 2**32]

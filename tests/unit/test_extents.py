@@ -174,3 +174,37 @@ def test_from_chunks_duplicates_and_big_offsets(idx, chunk):
 def test_a_number_of_thousands_of_digits_is_malformed_not_a_crash():
     with pytest.raises(BadInput, match="line 1 is malformed"):
         parse_ranges("1" * 5000 + " 4096 data\n", 1 << 20)
+
+
+def _text_model(offsets, lengths, kinds) -> bytes:
+    return "".join(f"{o} {n} {'data' if k == DATA else 'zero'}\n"
+                   for o, n, k in zip(offsets, lengths, kinds, strict=True)).encode()
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("block", [1, 7, 64, 65536])
+def test_block_formatter_matches_plain_formatting(seed, block):
+    """Every layout mix: one layout, a few odd lines spliced in, many (scattered), 1 to 20 digits."""
+    from lvdeltafs import rangetext
+    rng = np.random.default_rng(seed)
+    n = 3000
+    ln = [np.full(n, 4096), np.where(rng.random(n) < 0.01, 123456789, 4096),
+          rng.integers(1, 2**64 - 1, n, dtype=np.uint64, endpoint=True),
+          np.uint64(10) ** rng.integers(0, 20, n).astype(np.uint64)][seed % 4]
+    off = np.sort(rng.integers(0, 2**63, n, dtype=np.uint64)) if seed % 3 else np.arange(n) * 10**seed
+    off, ln = off.astype(np.uint64), np.asarray(ln).astype(np.uint64)
+    kinds = (rng.random(n) < (0, 0.3)[seed % 2]).astype(np.uint8)
+    blocks: list[bytes] = []
+    rangetext.write_text(off, ln, kinds, lambda b: blocks.append(bytes(b)), block)
+    want = _text_model(off.tolist(), ln.tolist(), kinds.tolist())
+    assert b"".join(blocks) == want == rangetext.format_text(off, ln, kinds)
+    assert int(rangetext.line_lengths(off, ln).sum()) == len(want)
+
+
+def test_from_chunks_takes_uint32_as_is():
+    idx = np.array([0, 1, 2, 7, 9, 10, 2**32 - 1], np.uint32)
+    e = Extents.from_chunks(idx, 4096, 2**44)
+    assert e.as_tuples() == [(0, 3 * 4096, DATA), (7 * 4096, 4096, DATA), (9 * 4096, 2 * 4096, DATA),
+                             ((2**32 - 1) * 4096, 4096, DATA)]
+    assert e == Extents.from_chunks(idx.astype(np.uint64), 4096, 2**44)
+    assert e.offsets.dtype == e.lengths.dtype == np.uint64
