@@ -56,6 +56,7 @@ from lvmirror.compression import Policy
 
 DEPTH = 6  # batches in flight: enough to keep the workers and the link busy (compression.SKIP_BYTES)
 BATCH_BYTES = MAX_DATA  # small ranges are grouped so a worker's hand-off costs little per range
+BATCH_RECORDS = 4096  # and zero ranges (no data) at most so many to a batch
 _MAX = 2**63 - 1
 
 
@@ -187,6 +188,9 @@ class DeltaStream:
                 continue
             if kind == KIND_ZERO:
                 batch.append((max(off, start), end - max(off, start), kind))
+                if len(batch) >= BATCH_RECORDS:
+                    yield batch
+                    batch, room = [], BATCH_BYTES
                 continue
             # Pieces at 1 MiB from the range's start, as StreamLayout cuts them, from the first not held
             # (a resume point inside a piece is never given by lvmirror's receiver; the format allows it).
@@ -194,7 +198,7 @@ class DeltaStream:
             k = (p - off) // MAX_DATA
             while p < end:
                 n = min(off + (k + 1) * MAX_DATA, end) - p
-                if n > room and batch:
+                if batch and (n > room or len(batch) >= BATCH_RECORDS):
                     yield batch
                     batch, room = [], BATCH_BYTES
                 batch.append((p, n, kind))

@@ -168,6 +168,20 @@ def test_uncompressed_stream_is_byte_for_byte_the_layouts():
     assert stream_of(source) == b"".join(source.layout.blocks(d.read))
 
 
+def test_many_small_ranges_are_batched_and_still_the_layouts_bytes():
+    """10,000 alternating 4 KiB data and zero ranges: batches are capped in records, not only in bytes."""
+    from lvdeltafs.delta import Delta
+    from lvdeltafs.extents import DATA, ZERO, Extents
+    from tests.harness import MemoryReader
+    n = 10_000
+    target = text(2 * n * 4096, 12)
+    ident = memory_delta(None, target, "", "vol@1").identity
+    ext = Extents.from_ranges([i * 8192 for i in range(n)] + [i * 8192 + 4096 for i in range(n)],
+                              [4096] * (2 * n), [DATA] * n + [ZERO] * n, len(target))
+    d = Delta(ident, ext, MemoryReader(target))
+    assert stream_of(DeltaStream(d)) == b"".join(DeltaStream(d).layout.blocks(d.read))
+
+
 def apply_records(base: bytes, blob: bytes) -> bytes:
     out = bytearray(base)
     recs, reader = records(blob)
