@@ -4,13 +4,13 @@
 finds out by measuring, not by guessing: the encoder tells :meth:`Policy.observe`
 how long each batch held the line (waiting for the workers to build it,
 then for the link to take it), and the policy keeps the recent rate, in
-uncompressed bytes per second, of each way of sending.  It sends the
-faster way and now and then tries the other for one window, because
-either can change: the data may stop compressing, the link may get busy.
-A probe that loses doubles the time to the next one (up to every
-``MAX_INTERVAL`` windows), so on a link where compression never pays (the
-loopback, a LAN) it costs a few percent at most; one that wins brings the
-next probe close.
+uncompressed bytes per second, of each way of sending.  It sends in
+runs (RUN_BYTES) the faster way and now and then tries the other for a
+short run (PROBE_BYTES), because either can change: the data may stop
+compressing, the link may get busy.  A probe that loses doubles the number
+of runs to the next one (up to ``MAX_INTERVAL``), so on a link where
+compression never pays (the loopback, a LAN) it costs a few percent at
+most; one that wins brings the next probe close.
 
 A local destination is a pipe, never the bottleneck: ``auto`` does not
 compress there, and sends a version-1 stream.
@@ -26,8 +26,8 @@ MODES = ("auto", "off", *codecs.BY_NAME)
 # auto works in runs: consecutive batches sent one way.  The first SKIP_BYTES of a run are not
 # measured: they were built while the run before was on the line, under its conditions (the
 # encoder keeps about that much in flight).  A probe of the other way is a short run.
-SKIP_BYTES = 6 << 20
-PROBE_BYTES = 16 << 20
+SKIP_BYTES = 4 << 20
+PROBE_BYTES = 8 << 20
 RUN_BYTES = 32 << 20
 FIRST_INTERVAL = 2  # runs between probes at first, and after a probe wins
 MAX_INTERVAL = 32

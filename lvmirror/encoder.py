@@ -54,7 +54,7 @@ from lvdeltafs.formats.stream import (
 )
 from lvmirror.compression import Policy
 
-DEPTH = 6  # batches in flight: enough to keep the workers and the link busy (compression.SKIP_BYTES)
+DEPTH = 4  # batches in flight: enough to keep the workers and the link busy (compression.SKIP_BYTES)
 BATCH_BYTES = MAX_DATA  # small ranges are grouped so a worker's hand-off costs little per range
 BATCH_RECORDS = 4096  # and zero ranges (no data) at most so many to a batch
 _MAX = 2**63 - 1

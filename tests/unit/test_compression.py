@@ -240,7 +240,7 @@ def test_resume_refuses_a_state_that_does_not_fit():
 # ---------------------------------------------------------------- the policy
 
 
-def run_policy(policy: Policy, seconds_per_mib: dict[bool, float], mib: int, depth: int = 6) -> dict:
+def run_policy(policy: Policy, seconds_per_mib: dict[bool, float], mib: int, depth: int = 4) -> dict:
     """Feed the policy batches of 1 MiB timed as a link would take them, observed ``depth`` batches after
     they were chosen (as the encoder's pipeline does); the bytes sent each way."""
     chosen = []
