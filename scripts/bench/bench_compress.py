@@ -26,7 +26,7 @@ bytes that crossed (the stream, as sent), the share of data that went through
 the compressor, zlib's ratio on the changed data, and peak RSS of this (the
 sending) process.  Needs root (the namespace and tc).
 
-    .venv/bin/python scripts/bench/bench_compress.py [--size-mib 8192] [--change 2] [--reps 3]
+    .venv/bin/python scripts/bench/bench_compress.py [--size-mib 8192] [--change 2] [--reps 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import benchjson  # noqa: E402  (scripts/bench, this script's own directory)
 
 from lvdeltafs.delta import Delta, FileReader, Identity  # noqa: E402
 from lvdeltafs.extents import DATA, Extents  # noqa: E402
@@ -166,6 +168,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rate", default="400mbit", help="the shaped link's rate (tc units)")
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--json", metavar="PATH", help="also write the key figures there (scripts/bench/all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-compress-") as tmp:
@@ -198,6 +201,16 @@ def main() -> int:
     print(f"peak RSS of the sender (this process): {peak_rss_mib():.0f} MiB")
     print(f"reproduce: .venv/bin/python scripts/bench/bench_compress.py --size-mib {args.size_mib} "
           f"--change {args.change} --reps {args.reps}")
+    mb = changed / 1e6
+    benchjson.write(args.json, "compress", [
+        # As rates of the changed data, so that "auto at least 1.6x off" is a ratio of at least 1.6.
+        benchjson.Figure(f"auto over a {args.rate} link", mb / slow["auto"][0], "MB/s of changes",
+                         "compress = off", mb / slow["off"][0], (">=", 1.6, "ratio"), "issue 12"),
+        benchjson.Figure("auto over the loopback", fast["auto"][0], "s", "compress = off", fast["off"][0],
+                         ("<=", 1.05, "ratio"), "issue 12"),
+    ], peak_rss_mib=peak_rss_mib(), peak_rss_of="the sender",
+        command=benchjson.reproduce("bench_compress.py"),
+        size=f"{args.size_mib} MiB ext4, {args.change}% changed, {args.reps} reps")
     return 0
 
 

@@ -15,7 +15,8 @@ by N.  VmHWM rather than getrusage's ru_maxrss: a child inherits its
 parent's ru_maxrss through fork+exec, and the parent is big after writing
 the image, so ru_maxrss would hide the child's own peak.
 
-    .venv/bin/python scripts/bench/bench_cow.py [--exceptions 10000000] [--runs 5] [--dir /var/tmp]
+    .venv/bin/python scripts/bench/bench_cow.py [--exceptions 10000000] [--runs 5] [--dir /var/tmp] \
+        [--json PATH]
 
 Targets: >= 10 million exceptions/s, <= 40 bytes of peak memory per exception.
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import benchjson  # noqa: E402  (scripts/bench, this script's own directory)
 import numpy as np  # noqa: E402
 
 from lvdeltafs.sources.cow import cow_extents, parse_exception_table, read_exception_table  # noqa: E402
@@ -95,6 +97,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--origin-gib", type=int, default=1024, help="origin size the chunks are drawn from")
     ap.add_argument("--dir", default="/var/tmp", help="where the sparse COW file goes (O_DIRECT capable)")
+    ap.add_argument("--json", metavar="PATH", help="also write the key figures there (scripts/bench/all)")
     args = ap.parse_args()
     origin_size = args.origin_gib << 30
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-cow-") as tmp:
@@ -123,6 +126,15 @@ def main() -> int:
           f"(VmHWM growth in a fresh process; target <= {TARGET_BYTES})")
     print("reproduce: .venv/bin/python scripts/bench/bench_cow.py "
           f"--exceptions {args.exceptions} --runs {args.runs} --dir {args.dir}")
+    benchjson.write(args.json, "cow", [
+        benchjson.Figure("table + extents, page cache", rate / 1e6, "M exceptions/s",
+                         target=(">=", TARGET_RATE / 1e6, "value"), target_source="docstring"),
+        benchjson.Figure("table + extents, O_DIRECT", args.exceptions / med / 1e6, "M exceptions/s",
+                         note="bound by the disk's 4 KiB read rate"),
+        benchjson.Figure("peak memory per exception", per, "B", target=("<=", TARGET_BYTES, "value"),
+                         target_source="docstring"),
+    ], peak_rss_mib=mem["kib"] / 1024, peak_rss_of="VmHWM growth of one read",
+        command=benchjson.reproduce("bench_cow.py"), size=f"{args.exceptions} exceptions, {args.runs} runs")
     return 0 if rate >= TARGET_RATE and per <= TARGET_BYTES else 1
 
 

@@ -19,7 +19,7 @@ lvdeltafs package extracted with git archive into a temporary directory), side
 by side in the same run: before/after on the same machine and the same file.
 
     .venv/bin/python scripts/bench/bench_ranges.py [--exceptions 10000000] [--runs 5] \\
-        [--baseline fbc6e87 --baseline-runs 2] [--dir /var/tmp] [--out /dev/null]
+        [--baseline fbc6e87 --baseline-runs 2] [--dir /var/tmp] [--out /dev/null] [--json PATH]
 
 Targets: >= 20 million exceptions/s from the page cache, <= 20 bytes of peak memory per exception.
 """
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
+import benchjson  # noqa: E402
 from bench_cow import CHUNK, make_image  # noqa: E402
 
 from lvdeltafs.sources.cow import parse_exception_table  # noqa: E402
@@ -138,6 +139,7 @@ def main() -> int:
     ap.add_argument("--origin-gib", type=int, default=1024, help="origin size the chunks are drawn from")
     ap.add_argument("--dir", default="/var/tmp", help="where the sparse COW file goes (O_DIRECT capable)")
     ap.add_argument("--out", default="/dev/null", help="where the text goes")
+    ap.add_argument("--json", metavar="PATH", help="also write the key figures there (scripts/bench/all)")
     args = ap.parse_args()
     origin_size = args.origin_gib << 30
     n = args.exceptions
@@ -158,6 +160,7 @@ def main() -> int:
                     run_job(code, path, origin_size, args.out, 1, "memory"))
     print(f"{n} exceptions -> {new[0]['lines']} lines, from the page cache (mmap), text to {args.out}:")
     rate, per = report("this code", new, new_mem, n)
+    old_rate = old_per = None
     if base:
         old_rate, old_per = report(f"baseline {args.baseline}", *base, n)
         print(f"speed-up {rate / old_rate:.1f}x, memory {old_per / per:.1f}x less")
@@ -165,6 +168,15 @@ def main() -> int:
     print(f"reproduce: .venv/bin/python scripts/bench/bench_ranges.py --exceptions {n} --runs {args.runs}"
           + (f" --baseline {args.baseline} --baseline-runs {args.baseline_runs}" if args.baseline else "")
           + f" --dir {args.dir} --out {args.out}")
+    old = f"baseline {args.baseline}" if base else None
+    benchjson.write(args.json, "ranges", [
+        benchjson.Figure("whole job, page cache", rate / 1e6, "M exceptions/s", old,
+                         None if old_rate is None else old_rate / 1e6,
+                         (">=", TARGET_RATE / 1e6, "value"), "issue 12"),
+        benchjson.Figure("peak memory per exception", per, "B", old, old_per, ("<=", TARGET_BYTES, "value"),
+                         "issue 12", "VmHWM growth in a fresh process"),
+    ], peak_rss_mib=new_mem["kib"] / 1024, peak_rss_of="VmHWM growth of the job",
+        command=benchjson.reproduce("bench_ranges.py"), size=f"{n} exceptions, {args.runs} runs")
     return 0 if rate >= TARGET_RATE and per <= TARGET_BYTES else 1
 
 

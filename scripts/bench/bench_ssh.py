@@ -21,7 +21,7 @@ process (the sender, every run) and the openssh transport's ssh client.  On loop
 share this host's CPUs (sshd and the receiver too), so staging rates are lower
 bounds for two hosts.
 
-    .venv/bin/python scripts/bench/bench_ssh.py --size-mib 256 --reps 5
+    .venv/bin/python scripts/bench/bench_ssh.py --size-mib 256 --reps 5 [--json PATH]
     .venv-debian/bin/python scripts/bench/bench_ssh.py --size-mib 256 --reps 5   # Debian's paramiko 2.12
 """
 
@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import benchjson  # noqa: E402  (scripts/bench, this script's own directory)
 import paramiko  # noqa: E402
 
 from lvdeltafs.delta import Delta, FileReader, Identity  # noqa: E402
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--text", type=float, default=0.5, help="fraction of text-like blocks (rest random)")
     ap.add_argument("--reps", type=int, default=5, help="runs of each, alternating; medians are shown")
+    ap.add_argument("--json", metavar="PATH", help="also write the key figures there (scripts/bench/all)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ssh-", dir="/var/tmp") as tmp:
         work = Path(tmp)
@@ -216,6 +218,17 @@ def run(server: Sshd, work: Path, args: argparse.Namespace) -> None:
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     print(f"reproduce: {Path(sys.executable).parent.parent.name}/bin/python scripts/bench/bench_ssh.py "
           f"--size-mib {args.size_mib} --text {args.text} --reps {args.reps}")
+    anchor = f"OpenSSH `cat > /dev/null`, {cipher_of_paramiko}"
+    benchjson.write(args.json, "ssh", [
+        benchjson.Figure("staging over paramiko (the default)", medians["staging over paramiko"], "MB/s",
+                         anchor, base, (">=", 1.0, "ratio"), "issue 12"),
+        benchjson.Figure("staging over openssh", medians["staging over openssh"], "MB/s", anchor, base,
+                         (">=", 1.0, "ratio"), "issue 12"),
+        benchjson.Figure("raw paramiko channel", medians["paramiko raw channel"], "MB/s", anchor, base),
+    ], peak_rss_mib=SSH_PEAK_KIB[0] / 1024,
+        peak_rss_of=f"the ssh client; the sender, holding the blocks, {me:.0f}",
+        command=benchjson.reproduce("bench_ssh.py"),
+        size=f"{args.size_mib} MiB, {args.reps} reps, paramiko {paramiko.__version__}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import benchjson  # noqa: E402  (scripts/bench, this script's own directory)
+
 from lvdeltafs.extents import Extents  # noqa: E402
 from lvdeltafs.formats.stream import MAX_DATA, StreamLayout  # noqa: E402
 
@@ -71,6 +73,7 @@ def main() -> None:
     ap.add_argument("--chunk-kib", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to put the image (default: a temp dir)")
+    ap.add_argument("--json", metavar="PATH", help="also write the key figures there (scripts/bench/all)")
     args = ap.parse_args()
     size = int(args.size_gib * (1 << 30))
     chunk = args.chunk_kib << 10
@@ -105,6 +108,11 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS                      : {rss:.0f} MiB")
     print("reproduce: .venv/bin/python scripts/bench/bench_stream.py " + " ".join(sys.argv[1:]))
+    benchjson.write(args.json, "stream", [
+        benchjson.Figure("`delta` stream -> /dev/null", mib / w, "MiB/s", "1 MiB pread + crc32 loop", mib / b,
+                         (">=", 0.8, "ratio"), "docstring", "page cache warm"),
+    ], peak_rss_mib=rss, peak_rss_of="this process", command=benchjson.reproduce("bench_stream.py"),
+        size=f"{args.size_gib} GiB, {args.changed:.0%} of {chunk >> 10} KiB chunks, {args.reps} reps")
 
 
 if __name__ == "__main__":
