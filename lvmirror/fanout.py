@@ -191,7 +191,7 @@ class Consumer:
 
 
 class ConsumerStream:
-    """A DeltaStream whose reads go through a :class:`Consumer`: tells it where it starts, drops it at the end.
+    """A DeltaStream reading through a :class:`Consumer`: tells it where it starts, drops it at the end.
 
     The consumer is dropped before the stream's worker pool is shut down:
     workers waiting for a piece then return at once instead of holding up the
@@ -209,7 +209,9 @@ class ConsumerStream:
         self.consumer.shared._begin(self.consumer.cid, resume.prev_end if offset and resume else 0)
         inner = self.stream.read_from(offset, resume)
         try:
-            for block in inner:
+            # Not `yield from`: that would close the inner stream (and wait for its workers) before the
+            # finally below drops the consumer those workers may be waiting on.
+            for block in inner:  # noqa: UP028
                 yield block
         finally:
             self.consumer.close()
