@@ -376,6 +376,15 @@ def _room(st) -> str:
 
 
 def _status_text(st) -> str:
+    if st.dests:
+        lines = [f"{st.name}: {st.source} -> {len(st.dests)} destinations"]
+        for part in st.dests:
+            text = _status_text(part).splitlines()
+            lines.append(f"  {part.destination}:")
+            lines.extend("  " + line for line in text[1:] if not line.startswith("  snapshots:"))
+        if st.snapshots:
+            lines.append(f"  snapshots:     {', '.join(st.snapshots)}")
+        return "\n".join(lines)
     state = st.state
     lines = [f"{st.name}: {st.source} -> {st.destination}"]
     if state.get("snapshot"):
