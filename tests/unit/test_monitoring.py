@@ -520,9 +520,10 @@ def test_each_destination_has_its_series_and_its_status(tmp_path):
     conf = cfg.load(str(conf_path))
     a, b = conf.volume("web").views()
     work = str(tmp_path / "work")
-    runlog.record(a.record_name, work, run("sync", finished=1000.0, action="sync", generation=3, snapshot="W@1"))
-    runlog.record(b.record_name, work, run("sync", finished=900.0, action="sync", generation=2, snapshot="W@0"))
-    runlog.record(b.record_name, work, run("sync", 8, finished=1000.0, error="cannot connect", snapshot="W@0"))
+    for view, r in ((a, run("sync", finished=1000.0, action="sync", generation=3, snapshot="W@1")),
+                    (b, run("sync", finished=900.0, action="sync", generation=2, snapshot="W@0")),
+                    (b, run("sync", 8, finished=1000.0, error="cannot connect", snapshot="W@0"))):
+        runlog.record(view.record_name, work, r)
     metrics.write(conf, fake_space)
     fams = parse_exposition(Path(conf.metrics_file).read_text())
 
