@@ -143,6 +143,7 @@ def sync(vol: VolumeConfig, *, dry_run: bool = False) -> MultiOutcome:
             _guard(run, lambda run=run: _prepare_sync(run, stack, source, dry_run))
         ready = [r for r in out.runs if r.error is None]
         if not ready:
+            _from_records(out.runs)
             return out  # nothing changed: no snapshot taken, none removed
         snap = snapshots.take(vol, source)
         out.snapshot = snap.snapshot_id
@@ -304,6 +305,7 @@ def _after(vol: VolumeConfig, out: MultiOutcome, snap: lvm.LogicalVolume, dry_ru
     if dry_run:
         snapshots.remove(snap)
         return
+    _from_records(out.runs)
     for run in out.runs:
         if run.error is None or run.client is None:
             continue
@@ -328,25 +330,31 @@ def _after(vol: VolumeConfig, out: MultiOutcome, snap: lvm.LogicalVolume, dry_ru
             log.warning("could not remove snapshot %s/%s after the failure: %s", snap.vg, snap.name, e)
 
 
-def recorded_holdings(view: VolumeConfig) -> set[str]:
-    """What a destination held as its record of runs on this host last says (for one not reached)."""
+def recorded_holdings(view: VolumeConfig) -> list[str]:
+    """What a destination held as its record of runs on this host last says, latest first."""
     runs = runlog.read(view.record_name, view.work_dir)
-    return {r.snapshot for r in (runs.last_run, runs.last_success) if r is not None and r.snapshot}
+    return list(dict.fromkeys(r.snapshot for r in (runs.last_run, runs.last_success)
+                              if r is not None and r.snapshot))
+
+
+def _from_records(runs: list[DestRun]) -> None:
+    """A destination not reached: taken to hold what its record says (recorded again for the next run)."""
+    for run in runs:
+        if not run.known:
+            held = recorded_holdings(run.view)
+            run.keep = set(held)
+            run.holds = held[0] if held else ""
 
 
 def _rotate(vol: VolumeConfig, runs: list[DestRun], new: str) -> None:
     """Remove lvmirror's snapshots of the volume that no destination needs any more."""
     keep: set[str] = set()
     for run in runs:
-        if run.known:
-            keep |= run.keep
-            continue
-        held = recorded_holdings(run.view)
-        if not held:
+        keep |= run.keep
+        if not run.known and not run.keep:
             log.warning("%s: what this destination holds is not known (it was not reached, and no run on "
                         "this host recorded it); no snapshot is removed this run", run.name)
             return
-        keep |= held
     try:
         snapshots.rotate(vol, new, also_keep=tuple(sorted(keep)))
     except LvError as e:
