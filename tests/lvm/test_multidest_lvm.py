@@ -100,6 +100,7 @@ def restart(sshd) -> None:
 
 
 def test_two_destinations_read_once_fail_alone_and_catch_up(vg, tmp_path):
+    (tmp_path / "sshd").mkdir()
     sshd = start_sshd(tmp_path / "sshd")  # our own: stopped and restarted below
     try:
         m = TwoMirrors(vg, tmp_path, sshd)
@@ -164,11 +165,12 @@ def run_rounds(m: TwoMirrors, sshd) -> None:
     m.assert_both_match_one_snapshot()
     assert m.last(m.url)["action"] == "resync" and m.last(str(m.local))["action"] == "sync"
 
-    # A transfer cut for the local destination (its receiver killed after 4 records staged): the far
-    # one is not disturbed, and the next run resumes the local one where it was cut.
+    # A transfer cut for the local destination (its receiver killed at its 6th record, each record made
+    # durable as it comes): the far one is not disturbed, and the next run resumes the local one.
     write_at(m.origin, 4 * MiB, random.Random(43).randbytes(12 * MiB))
     far_before = json.loads(Path(f"{m.far}.lvmirror-state").read_text())["generation"]
-    cut = m.run("sync", "data", expect=None, env={**os.environ, "LVMIRROR_TEST_KILL_AT": "receive:4"})
+    cut = m.run("sync", "data", expect=None, env={**os.environ, "LVMIRROR_TEST_KILL_AT": "receive:6",
+                                                     "LVMIRROR_STAGING_SYNC_BYTES": "1"})
     assert cut.returncode != 0 and str(m.local) in cut.stderr, cut.stderr
     target = m.assert_matches(m.far)
     assert json.loads(Path(f"{m.far}.lvmirror-state").read_text())["generation"] == far_before + 1
