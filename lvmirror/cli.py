@@ -79,13 +79,15 @@ def _config(ctx: click.Context):
 
 
 def _locked(ctx: click.Context, name: str, job: Callable[..., object], *, record: str = "",
-            bwlimit: int | None = None, compress: str | None = None, **kwargs: object) -> object:
+            bwlimit: int | None = None, compress: str | None = None,
+            multi: Callable[..., object] | None = None, **kwargs: object) -> object:
     """Run one pipeline for one volume under its lock.
 
     ``record``: the command to keep in the volume's record of runs (:mod:`lvmirror.runlog`), which
     `status` and the metrics file read; a dry run records nothing, nor a run that found the lock held.
     ``bwlimit``: --bwlimit, over the volume's configured cap for this run (0 lifts it; None keeps it);
-    ``compress``: --compress, over the volume's configured mode (None keeps it).
+    ``compress``: --compress, over the volume's configured mode (None keeps it);
+    ``multi``: the job for a volume with several destinations (lvmirror.multisync), recorded per destination.
     """
     import dataclasses
 
@@ -98,6 +100,12 @@ def _locked(ctx: click.Context, name: str, job: Callable[..., object], *, record
     if compress is not None:
         vol = dataclasses.replace(vol, compress=compress)
     with volume_lock(cfg.lock_dir, vol.name):
+        if multi is not None and vol.several:
+            try:
+                return _run_multi(vol, multi, record, bool(kwargs.get("dry_run")))
+            finally:
+                if not kwargs.get("dry_run"):
+                    _metrics(ctx)
         if not record or kwargs.get("dry_run"):
             return job(vol, **kwargs)
         try:
@@ -107,6 +115,61 @@ def _locked(ctx: click.Context, name: str, job: Callable[..., object], *, record
                 return outcome
         finally:
             _metrics(ctx)
+
+
+def _run_multi(vol, job: Callable[..., object], command: str, dry_run: bool) -> object:
+    """init or sync of a volume with several destinations: each destination's run recorded on its own.
+
+    The others are done whatever one does; if any failed, the exit code is the first failure's.
+    """
+    from lvdeltafs.clisupport import exit_status
+    from lvmirror import runlog
+    from lvmirror.multisync import DestinationsFailed
+    from lvmirror.progress import human
+    recs = {} if dry_run else {v.record_name: runlog.Recording(v.record_name, v.work_dir, command)
+                               for v in vol.views()}
+    try:
+        result = job(vol, dry_run=dry_run)
+    except BaseException as e:  # before any destination was worked on (no source volume, ...)
+        for rec in recs.values():
+            rec.finish(*exit_status(e))
+        raise
+    for run in result.runs:
+        rec = recs.get(run.view.record_name)
+        if run.outcome is not None:
+            run.outcome.source_bytes_read = result.source_bytes_read
+            _report(run.outcome)
+        if rec is None or run.skipped:
+            continue  # a destination an init left alone: nothing was done to it
+        if run.error is not None:
+            rec.holding(run.holds)
+            rec.finish(*exit_status(run.error))
+        else:
+            rec.outcome(run.outcome)
+            rec.finish(0)
+    if result.snapshot:
+        log.info("%s: %s %s of the new snapshot for %d destinations", vol.name,
+                 "would read" if dry_run else "read", human(result.source_bytes_read),
+                 sum(r.outcome is not None for r in result.runs))
+    failed = result.failed
+    if failed:
+        first = failed[0]
+        code, why = exit_status(first.error)
+        done = [r.view.destination.raw for r in result.runs if r.outcome is not None]
+        raise DestinationsFailed(
+            f"{vol.name}: {len(failed)} of {len(result.runs)} destinations failed: "
+            + "; ".join(f"{r.view.destination.raw}: {exit_status(r.error)[1]}" for r in failed)
+            + (f" (done: {', '.join(done)})" if done else ""), code)
+    return result
+
+
+def _views(ctx: click.Context, name: str, dest: str | None) -> list:
+    """The destinations of a volume a command works on: every one, or the one --dest names."""
+    from lvmirror.config import parse_destination
+    vol = _config(ctx).volume(name)
+    if dest is None:
+        return vol.views()
+    return [vol.view(parse_destination(dest, f"--dest {printable(dest)}"))]
 
 
 def _metrics(ctx: click.Context, *, now: bool = False) -> None:
@@ -119,6 +182,8 @@ def _metrics(ctx: click.Context, *, now: bool = False) -> None:
 
 
 def _report(outcome) -> None:
+    if not hasattr(outcome, "notes"):
+        return  # several destinations: each one's outcome was reported as it was recorded
     for note in outcome.notes:
         log.info("%s: %s", outcome.volume, note)
     if outcome.dry_run:
@@ -136,9 +201,9 @@ def _report(outcome) -> None:
 def init(ctx: click.Context, volume: str, dry_run: bool, bwlimit: int | None = None,
          compress: str | None = None) -> None:
     """First full copy of VOLUME to its destination (zero runs skipped)."""
-    from lvmirror import pipelines
+    from lvmirror import multisync, pipelines
     _report(_locked(ctx, volume, pipelines.init, record="init", bwlimit=bwlimit, compress=compress,
-                    dry_run=dry_run))
+                    multi=multisync.init, dry_run=dry_run))
 
 
 @cli.command()
@@ -147,12 +212,14 @@ def init(ctx: click.Context, volume: str, dry_run: bool, bwlimit: int | None = N
 @click.option("--initial", is_flag=True, help="The same as `lvmirror init VOLUME`.")
 @click.option("--check", "check_", is_flag=True, help="The same as `lvmirror check VOLUME`.")
 @click.option("--repair", is_flag=True, help="With --check: send the blocks that differ.")
+@click.option("--dest", type=NAME, metavar="DEST",
+              help="With --check: only this one of VOLUME's destinations.")
 @click.option("-n", "--dry-run", is_flag=True, help=DRY_RUN_HELP)
 @bwlimit_option
 @compress_option
 @click.pass_context
 def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, check_: bool, repair: bool,
-         dry_run: bool, bwlimit: int | None, compress: str | None) -> None:
+         dry_run: bool, bwlimit: int | None, compress: str | None, dest: str | None = None) -> None:
     """Bring VOLUME's destination (or --all) up to a new snapshot, sending only what changed."""
     if bool(volume) == all_:
         raise click.UsageError("name one VOLUME or give --all")
@@ -160,6 +227,8 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
         raise click.UsageError("--initial and --check exclude each other")
     if repair and not check_:
         raise click.UsageError("--repair goes with --check")
+    if dest and not (check_ and volume):
+        raise click.UsageError("--dest goes with --check and one VOLUME")
     names = sorted(_config(ctx).volumes) if all_ else [volume]
     if not names:
         raise ConfigError(f"{_config(ctx).path}: no [volume.NAME] tables, so --all has nothing to sync")
@@ -169,13 +238,14 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
         for name in names:
             try:
                 if check_:
-                    ctx.invoke(check, volume=name, repair=repair, bwlimit=bwlimit, compress=compress)
+                    ctx.invoke(check, volume=name, repair=repair, bwlimit=bwlimit, compress=compress,
+                               dest=dest)
                 elif initial:
                     ctx.invoke(init, volume=name, dry_run=dry_run, bwlimit=bwlimit, compress=compress)
                 else:
-                    from lvmirror import pipelines
+                    from lvmirror import multisync, pipelines
                     _report(_locked(ctx, name, pipelines.sync, record="sync", bwlimit=bwlimit,
-                                    compress=compress, dry_run=dry_run))
+                                    compress=compress, multi=multisync.sync, dry_run=dry_run))
             except LvError as e:
                 if not all_:
                     raise
@@ -192,24 +262,56 @@ def sync(ctx: click.Context, volume: str | None, all_: bool, initial: bool, chec
 @cli.command()
 @click.argument("volume", type=NAME, shell_complete=volume_names)
 @click.option("--repair", is_flag=True, help="Send just the blocks that differ, from the snapshot.")
+@click.option("--dest", type=NAME, metavar="DEST",
+              help="Only this one of VOLUME's destinations (default: each).")
 @bwlimit_option
 @compress_option
 @click.pass_context
 def check(ctx: click.Context, volume: str, repair: bool, bwlimit: int | None = None,
-          compress: str | None = None) -> None:
-    """Compare VOLUME's destination with the snapshot it should hold; exit 6 on differences.
+          compress: str | None = None, dest: str | None = None) -> None:
+    """Compare VOLUME's destinations with the snapshot each should hold; exit 6 on differences.
 
-    Prints the ranges that differ, one per line: OFFSET LENGTH data|zero.
+    Prints the ranges that differ, one per line: OFFSET LENGTH data|zero
+    (after a line `# DEST` when the volume has several destinations).
     """
-    _locked(ctx, volume, _check, record="repair" if repair else "check", bwlimit=bwlimit, compress=compress,
-            repair=repair)
+    views = _views(ctx, volume, dest)
+    if not _config(ctx).volume(volume).several:
+        _locked(ctx, volume, _check, record="repair" if repair else "check", bwlimit=bwlimit,
+                compress=compress, repair=repair)
+        return
+    _locked(ctx, volume, _check_each, bwlimit=bwlimit, compress=compress, views=views,
+            record_as="repair" if repair else "check", repair=repair)
+
+
+def _check_each(vol, *, views: list, record_as: str, repair: bool) -> None:
+    """`check` of several destinations, one after another under the volume's lock, each recorded apart."""
+    import dataclasses
+
+    from lvdeltafs.clisupport import exit_status
+    from lvmirror import runlog
+    from lvmirror.multisync import DestinationsFailed
+    failed = []
+    for view in views:
+        # --bwlimit and --compress were applied to vol: carried to each view.
+        view = dataclasses.replace(view, bwlimit=vol.bwlimit, compress=vol.compress)
+        sys.stdout.write(f"# {view.destination.raw}\n")
+        try:
+            with runlog.recording(view.record_name, view.work_dir, record_as) as run:
+                run.outcome(_check(view, repair=repair))
+        except LvError as e:
+            log.error("%s -> %s: %s", vol.name, view.destination.raw, e)
+            failed.append((view, e))
+    if failed:
+        raise DestinationsFailed(f"{vol.name}: {len(failed)} of {len(views)} destinations failed the check: "
+                                 + "; ".join(f"{v.destination.raw}: {exit_status(e)[1]}" for v, e in failed),
+                                 failed[0][1].exit_code)
 
 
 def _check(vol, *, repair: bool):
     """`check` under the volume's lock, so that differences found are recorded as this run's failure."""
     from lvdeltafs.extents import format_ranges
     from lvmirror import pipelines
-    volume = vol.name
+    volume = pipelines.label(vol)
     result, repaired = pipelines.check(vol, repair=repair)
     if result.ok:
         log.info("%s: destination matches snapshot %s (%d bytes)", volume, result.snapshot,
@@ -219,7 +321,8 @@ def _check(vol, *, repair: bool):
     what = (f"{len(result.mismatched)} ranges ({result.mismatched.data_bytes + result.mismatched.zero_bytes} "
             f"bytes) differ from snapshot {result.snapshot}")
     if repaired is None:
-        raise Mismatch(f"{volume}: {what}; `lvmirror check --repair {volume}` sends just those")
+        dest = f" --dest {vol.destination.raw}" if vol.dest_key else ""
+        raise Mismatch(f"{volume}: {what}; `lvmirror check --repair{dest} {vol.name}` sends just those")
     log.warning("%s: %s; repaired", volume, what)
     _report(repaired)
     return repaired
@@ -273,6 +376,15 @@ def _room(st) -> str:
 
 
 def _status_text(st) -> str:
+    if st.dests:
+        lines = [f"{st.name}: {st.source} -> {len(st.dests)} destinations"]
+        for part in st.dests:
+            text = _status_text(part).splitlines()
+            lines.append(f"  {part.destination}:")
+            lines.extend("  " + line for line in text[1:] if not line.startswith("  snapshots:"))
+        if st.snapshots:
+            lines.append(f"  snapshots:     {', '.join(st.snapshots)}")
+        return "\n".join(lines)
     state = st.state
     lines = [f"{st.name}: {st.source} -> {st.destination}"]
     if state.get("snapshot"):
@@ -321,7 +433,8 @@ def apply(delta: str, dest: str, state_dir: str | None, force: bool, ssh_key: st
 @cli.command()
 @click.argument("volume", type=NAME, required=False, shell_complete=volume_names)
 @click.option("--dest", type=NAME, metavar="DEST",
-              help="A destination that is not in the config (as given to `apply`).")
+              help="Without VOLUME: a destination that is not in the config (as given to `apply`); with "
+              "VOLUME: which of its destinations.")
 @click.option("--state-dir", type=NAME, metavar="DIR",
               help="With --dest: where a block device DEST keeps its state.")
 @click.option("--ssh-key", type=NAME, help="With an ssh:// --dest: the private key.")
@@ -333,20 +446,27 @@ def discard(ctx: click.Context, volume: str | None, dest: str | None, state_dir:
             ssh_key: str | None, known_hosts: str | None, ssh_transport: str) -> None:
     """The way out of a stuck mirror: set aside what is staged for VOLUME's destination (or --dest).
 
+    A volume with several destinations: name the one with --dest.
+
     Drops a staged or half-applied delta and what the state says the
     destination holds, even a damaged state; the destination is left as it is.
     The next `lvmirror sync` then resyncs it by comparing block digests.
     """
     from lvmirror import pipelines
-    if bool(volume) == bool(dest):
+    if not volume and not dest:
         raise click.UsageError("name one VOLUME or give --dest DEST")
     if volume:
-        _locked(ctx, volume, pipelines.discard_volume)
+        vol = _config(ctx).volume(volume)
+        if vol.several and not dest:
+            raise click.UsageError(f"{volume} has {len(vol.destinations)} destinations: name the one with "
+                                   "--dest (" + ", ".join(printable(d.raw) for d in vol.destinations) + ")")
+        (view,) = _views(ctx, volume, dest) if dest else [vol]
+        _locked(ctx, volume, lambda _vol: pipelines.discard_volume(view))
     else:
         assert dest is not None
         pipelines.discard(dest, state_dir, _ssh_options(ssh_key, known_hosts, ssh_transport))
     log.info("%s: what was staged and recorded is set aside; the next sync resyncs by comparing block "
-             "digests", volume or dest)
+             "digests", f"{volume} -> {dest}" if volume and dest else volume or dest)
 
 
 def _ssh_options(key: str | None, known_hosts: str | None, transport: str = "paramiko"):

@@ -14,6 +14,7 @@
     vg = "vg0"
     lv = "web"
     destination = "/srv/mirror/web.img"      # image file, block device, or ssh://user@host[:port]/path
+    # or: destinations = ["/srv/mirror/web.img", "ssh://backup@far/srv/web.img"]  (1 to 8; each its own base)
     snapshot_size = "2G"                     # classic volumes: the snapshot's COW space
     state_dir = "/var/lib/lvmirror/web"      # block device destinations: where their state is kept
                                              # (default /var/lib/lvmirror/receiver)
@@ -27,6 +28,8 @@ when one VG is missing.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import re
 import stat
@@ -56,7 +59,9 @@ DEFAULT_LOCK_DIR = "/run/lock/lvmirror"
 DEFAULT_WORK_DIR = "/var/lib/lvmirror"
 
 # Keys a [volume.NAME] table may hold; [defaults] may hold all but the per-volume ones.
-VOLUME_ONLY = ("vg", "lv", "destination")
+VOLUME_ONLY = ("vg", "lv", "destination", "destinations")
+REQUIRED = ("vg", "lv")  # and exactly one of destination, destinations
+MAX_DESTINATIONS = 8
 SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts", "ssh_transport", "bwlimit",
                "exact", "compress")
 DEFAULTS_ONLY = ("lock_dir", "work_dir", "metrics_file")
@@ -88,11 +93,52 @@ class VolumeConfig:
     exact: bool = False  # send only the 4 KiB blocks that differ from the base (see lvdeltafs.exact)
     compress: str = "auto"  # auto | off | zlib: see lvmirror.compression
     ssh_transport: str = "paramiko"  # or "openssh": the system's ssh client (see lvmirror.openssh)
+    # Every destination of the volume; ``destination`` is the one this object is about (the first, or
+    # the one a per-destination view was made for: see views()).
+    destinations: tuple[Destination, ...] = ()
+    # "" for a volume's only destination; else dest_key(destination), naming its spool and run record.
+    dest_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.destinations:
+            object.__setattr__(self, "destinations", (self.destination,))
+
+    @property
+    def several(self) -> bool:
+        return len(self.destinations) > 1
+
+    def views(self) -> list[VolumeConfig]:
+        """One VolumeConfig per destination, each with its own spool and run record.
+
+        With a single destination the view is the volume itself: its spool and
+        run record keep their names (an install made before `destinations`
+        keeps its state).  With several, each is named by a key derived from
+        the destination itself, not its place in the list, so reordering the
+        list does not swap two destinations' records.
+        """
+        if not self.several:
+            return [self]
+        return [dataclasses.replace(self, destination=d, dest_key=destination_key(d))
+                for d in self.destinations]
+
+    def view(self, dest: Destination) -> VolumeConfig:
+        """The view of one of this volume's destinations (compared by Destination.key)."""
+        for v in self.views():
+            if v.destination.key == dest.key:
+                return v
+        raise ConfigError(f"{self.where('destinations')}: {dest.raw} is not one of the volume's destinations "
+                          f"({', '.join(d.raw for d in self.destinations)})")
+
+    @property
+    def record_name(self) -> str:
+        """The name of this destination's record of runs (lvmirror.runlog): the volume's, or NAME@KEY."""
+        return f"{self.name}@{self.dest_key}" if self.dest_key else self.name
 
     @property
     def spool(self) -> str:
         """Where this side keeps the ranges of a delta in flight, to resume it exactly."""
-        return os.path.join(self.work_dir, "inflight", self.name)
+        # "@" cannot be in a volume name: NAME@KEY never collides with another volume's folder.
+        return os.path.join(self.work_dir, "inflight", self.record_name)
 
     @property
     def vg_lv(self) -> str:
@@ -101,6 +147,11 @@ class VolumeConfig:
     def where(self, key: str | None = None) -> str:
         """``FILE [volume.NAME] key`` for error messages."""
         return f"{shown_path(self.source_file)}: [volume.{self.name}]" + (f" {key}" if key else "")
+
+
+def destination_key(dest: Destination) -> str:
+    """A stable short name for one destination of several: 8 hex digits of a digest of where it is."""
+    return hashlib.sha256(repr(dest.key).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -275,28 +326,30 @@ def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str
                           "only (it names a lock file and an LVM tag)")
     _check_keys(body, VOLUME_KEYS, where)
     merged = {**defaults, **body}
-    for key in VOLUME_ONLY:
+    for key in REQUIRED:
         if key not in body:
             raise ConfigError(f"{where}: missing key {key!r}")
     vg = _lvm_name(merged["vg"], f"{where} vg", "volume group")
     lv = _lvm_name(merged["lv"], f"{where} lv", "logical volume")
-    dest = parse_destination(_str(merged["destination"], f"{where} destination"), f"{where} destination")
-    if not dest.is_ssh:
-        _check_not_source(dest.path, vg, lv, f"{where} destination")
+    dests = _destinations(body, where, vg, lv)
+    dest = dests[0]
     state_dir = merged.get("state_dir")
     if state_dir is not None:
         state_dir = _abs_path(state_dir, f"{where} state_dir")
     ssh_key = _opt_path(merged.get("ssh_key"), f"{where} ssh_key")
     known_hosts = _opt_path(merged.get("known_hosts"), f"{where} known_hosts")
     ssh_transport = _ssh_transport(merged.get("ssh_transport", "paramiko"), f"{where} ssh_transport")
-    if ssh_transport == "openssh" and dest.is_ssh:
+    key = "destinations" if "destinations" in body else "destination"
+    if ssh_transport == "openssh" and any(d.is_ssh for d in dests):
         # What ssh would read as syntax is refused now, before anything runs.
         from lvmirror import openssh
-        openssh.check_destination(dest, f"{where} destination")
+        for d in dests:
+            if d.is_ssh:
+                openssh.check_destination(d, f"{where} {key}")
         openssh.check_path(ssh_key, f"{where} ssh_key")
         openssh.check_path(known_hosts, f"{where} known_hosts")
     return VolumeConfig(
-        name=name, vg=vg, lv=lv, destination=dest,
+        name=name, vg=vg, lv=lv, destination=dest, destinations=dests,
         snapshot_size=_size(merged.get("snapshot_size"), f"{where} snapshot_size"),
         keep=_keep(merged.get("keep", 1), f"{where} keep"),
         state_dir=state_dir,
@@ -309,6 +362,35 @@ def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str
         compress=_compress(merged.get("compress", "auto"), f"{where} compress"),
         ssh_transport=ssh_transport,
     )
+
+
+def _destinations(body: dict[str, Any], where: str, vg: str, lv: str) -> tuple[Destination, ...]:
+    """``destination = "..."`` or ``destinations = ["...", ...]``: exactly one, each checked alike."""
+    if ("destination" in body) == ("destinations" in body):
+        if "destination" in body:
+            raise ConfigError(f"{where}: give either destination or destinations, not both (put every "
+                              "mirror in the destinations list)")
+        raise ConfigError(f"{where}: missing key 'destination' (or 'destinations', a list of them)")
+    if "destination" in body:
+        raws, key = [body["destination"]], "destination"
+    else:
+        key = "destinations"
+        raws = body["destinations"]
+        if not isinstance(raws, list) or not 1 <= len(raws) <= MAX_DESTINATIONS:
+            raise ConfigError(f"{where} destinations must be a list of 1 to {MAX_DESTINATIONS} destinations "
+                              f"(strings), not {shown_value(raws)}")
+    dests: list[Destination] = []
+    for i, raw in enumerate(raws):
+        at = f"{where} {key}" if key == "destination" else f"{where} destinations[{i}]"
+        dest = parse_destination(_str(raw, at), at)
+        if not dest.is_ssh:
+            _check_not_source(dest.path, vg, lv, at)
+        same = next((d for d in dests if d.key == dest.key), None)
+        if same is not None:
+            also = "" if same.raw == dest.raw else f" (written there as {same.raw}; both name the same place)"
+            raise ConfigError(f"{at}: {dest.raw} is in the list twice{also}; each destination once")
+        dests.append(dest)
+    return tuple(dests)
 
 
 def _str(value: Any, where: str) -> str:
@@ -423,13 +505,15 @@ def _check_not_source(dest: str, vg: str, lv: str, where: str) -> None:
 
 def _check_distinct_destinations(volumes: dict[str, VolumeConfig], shown: str) -> None:
     """Two volumes writing one destination would overwrite each other's mirror, every run."""
-    seen: dict[tuple[str, str, str, int, str], VolumeConfig] = {}
+    seen: dict[tuple[str, str, str, int, str], tuple[VolumeConfig, Destination]] = {}
     for v in volumes.values():
-        key = v.destination.key
-        first = seen.get(key)
-        if first is not None:
-            same = "" if first.destination.raw == v.destination.raw else \
-                f" (written there as {first.destination.raw}; both name the same place)"
-            raise ConfigError(f"{shown}: [volume.{v.name}] destination {v.destination.raw} is also the "
-                              f"destination of [volume.{first.name}]{same}; each volume needs its own")
-        seen[key] = v
+        for dest in v.destinations:
+            found = seen.get(dest.key)
+            if found is not None and found[0] is not v:
+                first, other = found
+                same = "" if other.raw == dest.raw else \
+                    f" (written there as {other.raw}; both name the same place)"
+                article = "a" if first.several else "the"
+                raise ConfigError(f"{shown}: [volume.{v.name}] destination {dest.raw} is also {article} "
+                                  f"destination of [volume.{first.name}]{same}; each volume needs its own")
+            seen[dest.key] = (v, dest)

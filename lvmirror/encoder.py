@@ -174,6 +174,13 @@ class DeltaStream:
         yield end_record(counts.pos, counts.nrec, counts.ndata, counts.nzero, counts.dbytes, counts.zbytes,
                          seed)
 
+    def data_pieces(self, start: int = 0) -> Iterator[tuple[int, int]]:
+        """(offset, length) of each read the stream makes of the target from ``start``, in stream order."""
+        for batch in self._batches(start):
+            for off, n, kind in batch:
+                if kind != KIND_ZERO:
+                    yield off, n
+
     def _batches(self, start: int) -> Iterator[Batch]:
         """The ranges from target offset ``start`` on, as records (1 MiB pieces), grouped up to 1 MiB."""
         layout = self.layout

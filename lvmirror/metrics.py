@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".metrics.lock"
 LOCK_WAIT = 60.0
 
-# name, HELP text; every family is a gauge, labelled by volume (the thin pool ones by pool too).
+# name, HELP text; every family is a gauge, labelled by volume (the thin pool ones by pool too; those of a
+# volume with several destinations by destination too).
 FAMILIES: dict[str, str] = {
     "lvmirror_last_success_timestamp_seconds":
         "When the last successful init or sync of the volume finished (Unix time; 0: none recorded).",
@@ -111,33 +112,41 @@ def collect(cfg: Config, space: SpaceOf = lvm_space) -> Samples:
             samples[name].append(((("volume", vol), *extra), value))
 
     for name in sorted(cfg.volumes):
-        vol = cfg.volumes[name]
-        runs = runlog.read(vol.name, vol.work_dir)
-        if runs.problem:
-            log.warning("%s: %s", vol.name, runs.problem)
-        good, last, bad = runs.last_success, runs.last_run, runs.last_failure
-        # Always there, 0 when unknown: an alert on its age then fires for a volume never synced too.
-        add("lvmirror_last_success_timestamp_seconds", name, good.finished if good else 0)
-        if good is not None:
-            add("lvmirror_last_success_duration_seconds", name, good.duration)
-            add("lvmirror_last_success_sent_bytes", name, good.bytes_sent)
-            add("lvmirror_generation", name, good.generation)
-            add("lvmirror_last_sync_base_cow_ratio", name,
-                None if good.base_cow_percent is None else good.base_cow_percent / 100)
-        if last is not None:
-            add("lvmirror_last_run_timestamp_seconds", name, last.finished)
-            add("lvmirror_last_run_duration_seconds", name, last.duration)
-            add("lvmirror_last_run_exit_code", name, last.exit_code)
-        if bad is not None:
-            add("lvmirror_last_failure_timestamp_seconds", name, bad.finished)
-        # What the destination holds: the last run's snapshot, else the last good sync's.
-        base = next((r.snapshot for r in (last, good) if r is not None and r.snapshot), "")
-        if base:
-            _add_space(add, vol, base, space)
+        for vol in cfg.volumes[name].views():
+            # A volume with several destinations: each one's series, told apart by a destination label.
+            dest = (("destination", vol.destination.raw),) if vol.dest_key else ()
+            _collect_one(vol, dest, add, space)
     return samples
 
 
-def _add_space(add: Callable[..., None], vol: VolumeConfig, base: str, space: SpaceOf) -> None:
+def _collect_one(vol: VolumeConfig, dest: Labels, add: Callable[..., None], space: SpaceOf) -> None:
+    name = vol.name
+    runs = runlog.read(vol.record_name, vol.work_dir)
+    if runs.problem:
+        log.warning("%s: %s", vol.record_name, runs.problem)
+    good, last, bad = runs.last_success, runs.last_run, runs.last_failure
+    # Always there, 0 when unknown: an alert on its age then fires for a volume never synced too.
+    add("lvmirror_last_success_timestamp_seconds", name, good.finished if good else 0, *dest)
+    if good is not None:
+        add("lvmirror_last_success_duration_seconds", name, good.duration, *dest)
+        add("lvmirror_last_success_sent_bytes", name, good.bytes_sent, *dest)
+        add("lvmirror_generation", name, good.generation, *dest)
+        add("lvmirror_last_sync_base_cow_ratio", name,
+            None if good.base_cow_percent is None else good.base_cow_percent / 100, *dest)
+    if last is not None:
+        add("lvmirror_last_run_timestamp_seconds", name, last.finished, *dest)
+        add("lvmirror_last_run_duration_seconds", name, last.duration, *dest)
+        add("lvmirror_last_run_exit_code", name, last.exit_code, *dest)
+    if bad is not None:
+        add("lvmirror_last_failure_timestamp_seconds", name, bad.finished, *dest)
+    # What the destination holds: the last run's snapshot, else the last good sync's.
+    base = next((r.snapshot for r in (last, good) if r is not None and r.snapshot), "")
+    if base:
+        _add_space(add, vol, base, space, dest)
+
+
+def _add_space(add: Callable[..., None], vol: VolumeConfig, base: str, space: SpaceOf,
+               dest: Labels = ()) -> None:
     try:
         st = space(vol, base)
     except (LvError, OSError) as e:
@@ -146,11 +155,12 @@ def _add_space(add: Callable[..., None], vol: VolumeConfig, base: str, space: Sp
         return
     if st is None:
         return
-    add("lvmirror_snapshot_cow_ratio", vol.name, None if st.cow_percent is None else st.cow_percent / 100)
+    add("lvmirror_snapshot_cow_ratio", vol.name, None if st.cow_percent is None else st.cow_percent / 100,
+        *dest)
     if st.pool:
         for which, used in (("data", st.pool_data_percent), ("metadata", st.pool_metadata_percent)):
             add(f"lvmirror_thin_pool_{which}_ratio", vol.name, None if used is None else used / 100,
-                ("pool", st.pool))
+                ("pool", st.pool), *dest)
 
 
 def write(cfg: Config, space: SpaceOf = lvm_space) -> None:

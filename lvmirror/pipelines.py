@@ -26,7 +26,7 @@ from lvdeltafs.extents import DATA, Extents, format_ranges
 from lvdeltafs.formats import files
 from lvdeltafs.formats.verify import verify_path
 from lvmirror import deltas, snapshots, spool
-from lvmirror.client import FileSource, Hello, ReceiverClient, stream_header
+from lvmirror.client import FileSource, Hello, ReceiverClient, StreamSource, stream_header
 from lvmirror.compression import Policy, choose_mode, sample_ratio
 from lvmirror.config import ConfigError, VolumeConfig
 from lvmirror.encoder import DeltaStream
@@ -59,6 +59,8 @@ class Outcome:
     stream_bytes: int = 0  # the bytes of the delta stream (a dry run under a cap: for its time estimate)
     # A dry run that would compress: compressed size over raw size of a sample of the data.
     compress_ratio: float | None = None
+    # Several destinations: bytes of the new snapshot the run read to send its deltas, each shared one once.
+    source_bytes_read: int | None = None
 
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"
@@ -150,11 +152,14 @@ def check_destination_not_on_source(vol: VolumeConfig, source: lvm.LogicalVolume
 
 
 def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = False,
-         spool_dir: str | None = None, compress: str = "off") -> dict:
+         spool_dir: str | None = None, compress: str = "off",
+         wrap: Callable[[DeltaStream], StreamSource] | None = None, show_progress: bool = True) -> dict:
     """Stream the delta to the receiver (resuming what it holds), then have it apply.
 
     ``spool_dir``: where the delta's ranges are kept while it is in flight (see :mod:`lvmirror.spool`);
-    ``compress``: the configured mode, as :func:`lvmirror.compression.choose_mode` settles it for this link.
+    ``compress``: the configured mode, as :func:`lvmirror.compression.choose_mode` settles it for this link;
+    ``wrap``: what the stream is sent through (:mod:`lvmirror.fanout`: one read for several destinations);
+    ``show_progress``: False when several sends run at once (their lines would overwrite each other).
     """
     delta_id = delta.identity.delta_id
     if spool_dir:
@@ -165,9 +170,9 @@ def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = Fals
         log.warning("%s: the receiver's python3 cannot decompress %s; sending uncompressed", label, compress)
     policy = Policy(mode)
     source = DeltaStream(delta, policy)
-    with Progress(label, source.total, cap=client.bwlimit) as bar:
+    with Progress(label, source.total, cap=client.bwlimit, enabled=None if show_progress else False) as bar:
         source.progress = bar.update
-        client.send_delta(source, delta_id, force=force)
+        client.send_delta(wrap(source) if wrap else source, delta_id, force=force)
     if policy.compresses:
         same = f" ({human(source.unchanged)} unchanged since the base not sent)" if source.unchanged else ""
         log.info("%s: %s; %s sent for %s of data%s", label, policy.describe(), human(client.bytes_sent),
@@ -227,10 +232,7 @@ def _send_new(vol: VolumeConfig, client: ReceiverClient, snap: lvm.LogicalVolume
         out.notes.extend(notes)
         out.bwlimit = vol.bwlimit
         if dry_run:
-            out.stream_bytes = files.stream_layout(delta).size
-            if choose_mode(vol.compress, local=client.local, far_codecs=list(client.codecs)) != "off":
-                out.compress_ratio = sample_ratio(data_ranges(delta.extents), delta.extents.data_bytes,
-                                                  delta.read)
+            estimate(vol, client, delta, out)
         if not dry_run:
             out.generation = applied_generation(send(client, delta, f"{vol.name}: {action}",
                                                      spool_dir=vol.spool, compress=vol.compress))
@@ -247,6 +249,13 @@ def _send_new(vol: VolumeConfig, client: ReceiverClient, snap: lvm.LogicalVolume
     spool.clear(vol.spool)
     snapshots.rotate(vol, snap.snapshot_id)
     return out
+
+
+def estimate(vol: VolumeConfig, client: ReceiverClient, delta: Delta, out: Outcome) -> None:
+    """A dry run's figures: the stream's size, and what compression would make of a sample of the data."""
+    out.stream_bytes = files.stream_layout(delta).size
+    if choose_mode(vol.compress, local=client.local, far_codecs=list(client.codecs)) != "off":
+        out.compress_ratio = sample_ratio(data_ranges(delta.extents), delta.extents.data_bytes, delta.read)
 
 
 def _after_failure(snap: lvm.LogicalVolume, client: ReceiverClient, dry_run: bool) -> None:
@@ -326,11 +335,13 @@ def _sync_delta(vol: VolumeConfig, client: ReceiverClient, greeting: Hello, base
                                 snapshots.size_of(snap))
 
 
-def _resume_staged(vol: VolumeConfig, client: ReceiverClient, greeting: Hello) -> bool:
+def _resume_staged(vol: VolumeConfig, client: ReceiverClient, greeting: Hello, *, rotate: bool = True,
+                   show_progress: bool = True) -> bool:
     """Finish a delta a broken run left part-sent, if it can be rebuilt exactly; True if done.
 
     (A delta fully received but not applied is replayed by the receiver
-    itself on hello; this covers one that stopped mid-stream.)
+    itself on hello; this covers one that stopped mid-stream.)  ``rotate``:
+    False when other destinations' snapshots are at stake (lvmirror.multisync rotates once, at the end).
     """
     staged = greeting.staged
     if staged is None or staged.identity["base"] not in (greeting.holds, greeting.token):
@@ -350,12 +361,19 @@ def _resume_staged(vol: VolumeConfig, client: ReceiverClient, greeting: Hello) -
     log.info("%s: resuming delta %s to %s that a previous run left unfinished", vol.name, staged.delta_id,
              target.vg_lv)
     try:
-        send(client, delta, f"{vol.name}: resume", spool_dir=vol.spool, compress=vol.compress)
+        send(client, delta, f"{label(vol)}: resume", spool_dir=vol.spool, compress=vol.compress,
+             show_progress=show_progress)
     finally:
         delta.close()
     spool.clear(vol.spool)
-    snapshots.rotate(vol, target.snapshot_id)
+    if rotate:
+        snapshots.rotate(vol, target.snapshot_id)
     return True
+
+
+def label(vol: VolumeConfig) -> str:
+    """How messages name the volume: its name, and which destination when it has several."""
+    return f"{vol.name} -> {vol.destination.raw}" if vol.dest_key else vol.name
 
 
 # ---- check and repair ---------------------------------------------------------

@@ -42,7 +42,7 @@ MAX_FILE = 64 * 1024  # a record is well under 2 KiB
 MAX_TEXT = 600  # an error message is one line; longer ones are cut
 MAX_EPOCH = 1 << 40  # past the year 30000: a damaged number, not a time
 JSON_ORDER = ("command", "action", "started", "finished", "duration", "exit_code", "ok", "error",
-              "bytes_sent", "generation", "snapshot", "base_cow_percent")
+              "bytes_sent", "generation", "snapshot", "base_cow_percent", "read_bytes")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class Run:
     generation: int | None = None  # the destination's generation after the run, if it applied one
     snapshot: str = ""  # the snapshot the destination holds after it (LVUUID@time)
     base_cow_percent: float | None = None  # a classic base's COW use as a sync found it
+    # A volume with several destinations: bytes of the new snapshot the run read for all of them (None: not
+    # counted, or an older record).
+    read_bytes: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -159,6 +162,7 @@ def _run(doc: Any, key: str) -> Run | None:
         snapshot=_text(doc, key, "snapshot"),
         base_cow_percent=(None if doc.get("base_cow_percent") is None
                           else _number(doc, key, "base_cow_percent", 100.0)),
+        read_bytes=None if doc.get("read_bytes") is None else _int(doc, key, "read_bytes", 1 << 62),
     )
     if doc.get("ok") is not run.ok:
         raise ValueError(f"{key}.ok disagrees with its exit code {run.exit_code}")
@@ -223,7 +227,12 @@ class Recording:
     def outcome(self, out: Outcome) -> None:
         """What a pipeline did: its action, bytes, the generation and snapshot the destination now holds."""
         self.run = replace(self.run, action=out.action, bytes_sent=out.data_bytes, generation=out.generation,
-                           snapshot=out.target, base_cow_percent=out.base_cow_percent)
+                           snapshot=out.target, base_cow_percent=out.base_cow_percent,
+                           read_bytes=out.source_bytes_read)
+
+    def holding(self, snapshot: str) -> None:
+        """What the destination holds after a run that failed (so what a later run must not remove)."""
+        self.run = replace(self.run, snapshot=snapshot)
 
     def finish(self, exit_code: int, error: str = "") -> None:
         """Write the record; a failure to write is a warning, never the run's result."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lvdeltafs import lvm
@@ -38,6 +38,8 @@ class VolumeStatus:
     state: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     runs: runlog.RunLog = field(default_factory=runlog.RunLog)
+    # A volume with several destinations: each one's status (this object then shows the one most behind).
+    dests: list[VolumeStatus] = field(default_factory=list)
 
     @property
     def last_good_sync(self) -> float | None:
@@ -58,6 +60,9 @@ class VolumeStatus:
 
 
 def status(vol: VolumeConfig) -> VolumeStatus:
+    """What the volume's destination holds and how its snapshots stand; with several, each destination's."""
+    if vol.several and not vol.dest_key:  # the volume, not one destination's view of it
+        return _several(vol)
     st = VolumeStatus(vol.name, vol.vg_lv, vol.destination.raw)
     add_runs(st, vol)
     try:
@@ -88,6 +93,16 @@ def status(vol: VolumeConfig) -> VolumeStatus:
         if not base.usable:
             st.problems.append(f"{base.problem} (the next sync falls back to a compare resync)")
     return st
+
+
+def _several(vol: VolumeConfig) -> VolumeStatus:
+    """Each destination's status, and the volume's: that of the destination most behind, so that
+    ``--max-age`` and a check of the volume's fields alert as soon as any destination is stale;
+    its problems are every destination's, each naming its destination."""
+    parts = [status(v) for v in vol.views()]
+    worst = min(parts, key=lambda p: (p.last_good_sync is not None, p.last_good_sync or 0.0))
+    return replace(worst, destination=", ".join(p.destination for p in parts), dests=parts,
+                   problems=[f"{p.destination}: {problem}" for p in parts for problem in p.problems])
 
 
 # Above this, say so: a classic snapshot that fills is dropped by the kernel (the next sync then
@@ -122,7 +137,7 @@ def _space(st: VolumeStatus, snap: lvm.LogicalVolume) -> None:
 
 def add_runs(st: VolumeStatus, vol: VolumeConfig) -> None:
     """The volume's record of runs; a damaged record, and a last run that failed, are problems."""
-    st.runs = runlog.read(vol.name, vol.work_dir)
+    st.runs = runlog.read(vol.record_name, vol.work_dir)
     if st.runs.problem:
         st.problems.append(st.runs.problem)
     last = st.runs.last_run
@@ -187,6 +202,13 @@ def as_json(statuses: list[VolumeStatus], now: float, max_age: float | None = No
 
 
 def _volume_json(st: VolumeStatus, now: float, max_age: float | None) -> dict[str, Any]:
+    doc = _status_json(st, now, max_age)
+    # Each destination as a volume object of its own; a volume with one lists it alone.
+    doc["destinations"] = [_status_json(p, now, max_age) for p in st.dests] if st.dests else [dict(doc)]
+    return doc
+
+
+def _status_json(st: VolumeStatus, now: float, max_age: float | None) -> dict[str, Any]:
     state = st.state
     return {
         "name": st.name,

@@ -660,6 +660,9 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
         '"/x.img"', '"/srv/m//x.img"', '"/srv/m/./x.img"', '"ssh://h/x"', '"ssh://H:22/x"', '"ssh://root@h/x"',
         '"/dev/vg0/web"', '"/dev/mapper/vg0-web"', '"/dev/vg1/data"', '"/dev/mapper/vg1-data"',
         '"ssh://[::1]/x"', '"ssh://[0::1]:22/x"', '"ssh://h:0/x"', '"/srv/../x"', '"ssh://u;x@h/x"'])),
+    "destinations": _mostly(st.lists(st.sampled_from([
+        '"/x.img"', '"/y.img"', '"/srv/m//x.img"', '"ssh://h/x"', '"ssh://H:22/x"', '"/dev/vg0/web"', "1",
+        '""', '"ssh://u;x@h/x"']), max_size=9).map(lambda xs: "[" + ", ".join(xs) + "]")),
     "snapshot_size": _mostly(st.sampled_from(['"1G"', '"0.5M"', "4096", '"0G"', '"1G"'])),
     "keep": _mostly(st.sampled_from(["1", "2", "3", "0"])),
     **{k: _mostly(_PATHS.map(lambda p: f'"{p}"')) for k in ("state_dir", "ssh_key", "known_hosts",
@@ -683,9 +686,16 @@ def _body(draw: st.DrawFn, required: tuple[str, ...], optional: tuple[str, ...])
     return lines
 
 
+# Now and then both keys, or neither; mostly one of destination and destinations, as a config has.
+_WHERE_TO = st.sampled_from(["destination", "destinations"])
+_VOLUME_BODY = st.one_of(
+    _WHERE_TO.flatmap(lambda key: _body((*cfg.REQUIRED, key), cfg.SHARED_KEYS)),
+    _body(cfg.VOLUME_ONLY, cfg.SHARED_KEYS))
+
+
 @FUZZ
 @given(st.lists(st.tuples(_mostly(st.sampled_from(["web", "db", "a-b", "x.y"]).map(_toml_string)),
-                          _body(cfg.VOLUME_ONLY, cfg.SHARED_KEYS)), min_size=1, max_size=3,
+                          _VOLUME_BODY), min_size=1, max_size=3,
                 unique_by=lambda t: t[0]),
        st.one_of(st.none(), _body((), cfg.DEFAULTS_KEYS)))
 def test_fuzz_structured_config(tmp_path, volumes, defaults):
@@ -751,3 +761,70 @@ def test_openssh_accepts_ordinary_names_and_local_destinations(tmp_path):
     assert load_text(tmp_path, text).volume("web").ssh_transport == "openssh"
     # A local destination has no ssh to run: the key is allowed and ignored there.
     assert load_text(tmp_path, VOL + "destination = '/x.img'\nssh_transport = 'openssh'\n").volume("web")
+
+
+# ---- several destinations ---------------------------------------------------------------------
+
+TWO = VOL + "destinations = ['/srv/a/web.img', 'ssh://backup@far.example/srv/web.img']\n"
+
+
+def test_destinations_list_loads_each_destination_in_order(tmp_path):
+    vol = load_text(tmp_path, TWO).volume("web")
+    assert [d.raw for d in vol.destinations] == ["/srv/a/web.img", "ssh://backup@far.example/srv/web.img"]
+    assert vol.destination == vol.destinations[0] and vol.several
+    one = load_text(tmp_path, VOL + "destinations = ['/srv/a/web.img']\n").volume("web")
+    assert not one.several and one.destination.raw == "/srv/a/web.img"
+
+
+def test_a_single_destination_keeps_its_spool_and_run_record_names(tmp_path):
+    for text in (VOL + "destination = '/srv/a/web.img'\n", VOL + "destinations = ['/srv/a/web.img']\n"):
+        vol = load_text(tmp_path, text).volume("web")
+        (view,) = vol.views()
+        assert view is vol and view.dest_key == ""
+        assert view.spool == os.path.join(cfg.DEFAULT_WORK_DIR, "inflight", "web")
+        assert view.record_name == "web"
+
+
+def test_views_of_several_destinations_have_their_own_spool_and_record(tmp_path):
+    vol = load_text(tmp_path, TWO).volume("web")
+    views = vol.views()
+    assert [v.destination for v in views] == list(vol.destinations)
+    keys = [v.dest_key for v in views]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", k) for k in keys) and len(set(keys)) == 2
+    assert len({v.spool for v in views}) == 2 and len({v.record_name for v in views}) == 2
+    assert views[0].record_name == f"web@{keys[0]}"
+    assert views[0].spool == os.path.join(cfg.DEFAULT_WORK_DIR, "inflight", f"web@{keys[0]}")
+    # Named by where the mirror is, not its place in the list: reordering keeps each one's state.
+    swapped = load_text(tmp_path, VOL + "destinations = ['ssh://backup@far.example/srv/web.img', "
+                        "'/srv/a/web.img']\n").volume("web")
+    assert {v.destination.raw: v.record_name for v in swapped.views()} == \
+        {v.destination.raw: v.record_name for v in views}
+    # The same place however written: the same key.
+    again = load_text(tmp_path, VOL + "destinations = ['/srv/a//web.img', "
+                      "'ssh://backup@FAR.example:22/srv/web.img']\n").volume("web")
+    assert [v.dest_key for v in again.views()] == keys
+    assert vol.view(vol.destinations[1]).dest_key == keys[1]
+    with pytest.raises(ConfigError, match="not one of the volume's destinations"):
+        vol.view(cfg.parse_destination("/srv/other.img"))
+
+
+@pytest.mark.parametrize("text, fragments", [
+    (VOL + "destination = '/x.img'\ndestinations = ['/y.img']\n", ("[volume.web]", "not both")),
+    (VOL + "destinations = []\n", ("[volume.web] destinations", "1 to 8")),
+    (VOL + "destinations = '/x.img'\n", ("[volume.web] destinations", "a list")),
+    (VOL + "destinations = [" + ", ".join(f"'/x{i}.img'" for i in range(9)) + "]\n",
+     ("[volume.web] destinations", "1 to 8")),
+    (VOL + "destinations = ['/x.img', 1]\n", ("[volume.web] destinations[1]", "non-empty string")),
+    (VOL + "destinations = ['/x.img', 'rel.img']\n", ("[volume.web] destinations[1]",)),
+    (VOL + "destinations = ['/x.img', '/dev/vg0/web']\n", ("[volume.web] destinations[1]", "source volume")),
+    (VOL + "destinations = ['/x.img', '/./x.img']\n", ("destinations[1]", "twice")),
+    (VOL + "destinations = ['ssh://h/x', 'ssh://h:22/x']\n", ("destinations[1]", "twice", "same place")),
+    (VOL + "destinations = ['/x.img']\n[volume.db]\nvg = 'vg0'\nlv = 'db'\ndestinations = ['/y.img', "
+     "'/x.img']\n", ("[volume.db] destination /x.img", "[volume.web]")),
+    (VOL + "destinations = ['ssh://u;x@h/x']\nssh_transport = 'openssh'\n", ("destinations", "user")),
+    ("[defaults]\ndestinations = ['/x.img']\n" + VOL + "destination = '/y.img'\n",
+     ("[defaults]", "unknown key 'destinations'")),
+])
+def test_destinations_errors_name_file_table_and_key(tmp_path, text, fragments):
+    err = expect(tmp_path, text, *fragments)
+    assert err.exit_code == EXIT_BAD_INPUT

@@ -499,3 +499,74 @@ def test_readme_names_every_metric_and_the_stale_exit_code():
     st = VolumeStatus("web", "vg0/web", "/m.img", runs=runlog.RunLog(last_success=run("sync", finished=last)))
     (line,) = report.stale_lines([st], last + 2 * DAY + 3 * 3600, 26 * 3600)
     assert f"`{line}`" in " ".join(readme.split()), line
+
+
+# ---- a volume with several destinations --------------------------------------------------------
+
+
+def two_destinations(tmp: Path) -> Path:
+    path = tmp / "lvmirror.toml"
+    (tmp / "node").mkdir(exist_ok=True)
+    path.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\n'
+                    f'metrics_file = "{tmp}/node/lvmirror.prom"\n'
+                    f'[volume.web]\nvg = "vgnone"\nlv = "web"\nsnapshot_size = "1G"\n'
+                    f'destinations = ["{tmp}/a.img", "{tmp}/b.img"]\n')
+    path.chmod(0o600)
+    return path
+
+
+def test_each_destination_has_its_series_and_its_status(tmp_path):
+    conf_path = two_destinations(tmp_path)
+    conf = cfg.load(str(conf_path))
+    a, b = conf.volume("web").views()
+    work = str(tmp_path / "work")
+    for view, r in ((a, run("sync", finished=1000.0, action="sync", generation=3, snapshot="W@1")),
+                    (b, run("sync", finished=900.0, action="sync", generation=2, snapshot="W@0")),
+                    (b, run("sync", 8, finished=1000.0, error="cannot connect", snapshot="W@0"))):
+        runlog.record(view.record_name, work, r)
+    metrics.write(conf, fake_space)
+    fams = parse_exposition(Path(conf.metrics_file).read_text())
+
+    def value(name, dest):
+        return fams[name]["samples"][(("volume", "web"), ("destination", dest))]
+
+    assert value("lvmirror_generation", f"{tmp_path}/a.img") == 3
+    assert value("lvmirror_generation", f"{tmp_path}/b.img") == 2
+    assert value("lvmirror_last_run_exit_code", f"{tmp_path}/b.img") == 8
+    assert value("lvmirror_last_success_timestamp_seconds", f"{tmp_path}/b.img") == 900.0
+    # status: each destination apart; the volume's own fields are those of the one most behind.
+    result = run_cli(cli.main, ["-c", str(conf_path), "status", "--json"], timeout=60)
+    assert result.code == 1
+    doc = json.loads(result.output[result.output.index("{"):])
+    (vol,) = doc["volumes"]
+    assert [d["destination"] for d in vol["destinations"]] == [f"{tmp_path}/a.img", f"{tmp_path}/b.img"]
+    assert [d["last_success"]["generation"] for d in vol["destinations"]] == [3, 2]
+    assert vol["last_good_sync"] == 900.0 and vol["last_run"]["exit_code"] == 8
+    assert any(p.startswith(f"{tmp_path}/b.img: the last run failed") for p in vol["problems"])
+    text = run_cli(cli.main, ["-c", str(conf_path), "status"], timeout=60).output
+    assert "web: vgnone/web -> 2 destinations" in text and f"  {tmp_path}/b.img:" in text
+
+
+def test_a_volume_with_one_destination_lists_it_alone(tmp_path):
+    conf = write_config(tmp_path)
+    result = run_cli(cli.main, ["-c", str(conf), "status", "--json"], timeout=60)
+    (vol,) = json.loads(result.output[result.output.index("{"):])["volumes"]
+    (only,) = vol.pop("destinations")
+    assert only == vol
+
+
+def test_a_sync_that_fails_before_any_destination_is_recorded_for_each(tmp_path):
+    conf_path = two_destinations(tmp_path)
+    result = run_cli(cli.main, ["-c", str(conf_path), "sync", "web"], timeout=60)
+    assert result.code != 0
+    for view in cfg.load(str(conf_path)).volume("web").views():
+        runs = runlog.read(view.record_name, str(tmp_path / "work"))
+        assert runs.last_run is not None and runs.last_run.exit_code == result.code
+
+
+def test_dest_must_be_one_of_the_volumes_destinations(tmp_path):
+    conf_path = two_destinations(tmp_path)
+    result = run_cli(cli.main, ["-c", str(conf_path), "check", "--dest", "/elsewhere.img", "web"], timeout=60)
+    assert result.code == 3 and "not one of the volume's destinations" in result.output
+    result = run_cli(cli.main, ["-c", str(conf_path), "discard", "web"], timeout=60)
+    assert result.code == 2 and "--dest" in result.output
