@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from lvdeltafs import lvm, pairs
+from lvdeltafs import lvm
 from lvdeltafs.delta import Delta
 from lvdeltafs.errors import CommandFailed, LvError, Refused
 from lvmirror import deltas, pipelines, runlog, snapshots, spool
@@ -206,8 +206,7 @@ def _prepare_sync(run: DestRun, stack: ExitStack, source: lvm.LogicalVolume, dry
 def _incremental(vol: VolumeConfig, run: DestRun, snap: lvm.LogicalVolume) -> Delta:
     """The delta from a base some destinations hold: computed (and refined) once for all of them."""
     assert run.base is not None and run.base.snapshot is not None
-    delta = pairs.lvm_delta(run.base.snapshot.vg_lv, snap.vg_lv)
-    return deltas.exact_delta(delta, run.base.snapshot.path, vol.name) if vol.exact else delta
+    return pipelines.incremental_delta(vol, run.base.snapshot, snap)
 
 
 # A destination, its action, its delta (or how to make it: a compare resync's) and its share of the read.

@@ -319,18 +319,23 @@ def _check_same_volume(vol: VolumeConfig, greeting: Hello, source: lvm.LogicalVo
                       f"{vol.vg_lv} ({source.uuid}); point the config at the right destination")
 
 
+def incremental_delta(vol: VolumeConfig, base: lvm.LogicalVolume, snap: lvm.LogicalVolume) -> Delta:
+    """The delta from the base snapshot to the new one (its COW table or thin_delta), as configured."""
+    delta = pairs.lvm_delta(base.vg_lv, snap.vg_lv)
+    if vol.exact:
+        # Refined before send() builds the stream and spools its ranges: a resume rebuilds from those.
+        return deltas.exact_delta(delta, base.path, vol.name)
+    if vol.compress != "off":
+        # While compression pays the link is the bottleneck: the encoder then compares with the base.
+        delta.base = FileReader(base.path, snapshots.size_of(base))
+    return delta
+
+
 def _sync_delta(vol: VolumeConfig, client: ReceiverClient, greeting: Hello, base: snapshots.BaseCheck | None,
                 source: lvm.LogicalVolume, snap: lvm.LogicalVolume) -> Delta:
     if base is not None and base.usable:
         assert base.snapshot is not None
-        delta = pairs.lvm_delta(base.snapshot.vg_lv, snap.vg_lv)
-        if vol.exact:
-            # Refined before send() builds the stream and spools its ranges: a resume rebuilds from those.
-            return deltas.exact_delta(delta, base.snapshot.path, vol.name)
-        if vol.compress != "off":
-            # While compression pays the link is the bottleneck: the encoder then compares with the base.
-            delta.base = FileReader(base.snapshot.path, snapshots.size_of(base.snapshot))
-        return delta
+        return incremental_delta(vol, base.snapshot, snap)
     return deltas.compare_delta(client, greeting, source.uuid, snap.snapshot_id, snap.path,
                                 snapshots.size_of(snap))
 
