@@ -40,6 +40,7 @@ from lvdeltafs.errors import ConnectionProblem, LvError
 from lvmirror import bundle
 from lvmirror.client import ReceiverClient
 from lvmirror.destinations import ConfigError, Destination, shown
+from lvmirror.transports import SshTransport
 
 log = logging.getLogger(__name__)
 
@@ -322,10 +323,11 @@ class _PipeWriter(io.RawIOBase):
         return n
 
 
-class OpenSshTransport:
+class OpenSshTransport(SshTransport):
     """The receiver bundle shipped through OpenSSH's ssh (see the module's docstring).
 
-    The same arguments and behaviour as :class:`lvmirror.transports.SshTransport`.
+    The same arguments and behaviour as :class:`lvmirror.transports.SshTransport`, whose
+    session handling (argv, close, the context manager) it shares; only the link differs.
     """
 
     def __init__(self, url: Any, key: str | None = None, known_hosts: str | None = None, *,
@@ -333,17 +335,11 @@ class OpenSshTransport:
                  timeout: float = 20.0):
         from lvmirror.destinations import parse_destination
 
-        self.dest = parse_destination(url) if isinstance(url, str) else url
-        if not self.dest.is_ssh:
-            raise ConfigError(f"destination: {shown(self.dest.raw)} is not an ssh:// URL")
-        self.key, self.known_hosts, self.state_dir = key, known_hosts, state_dir
-        self.remote_python, self.compress, self.timeout = remote_python, compress, timeout
-        self.link: OpenSshLink | None = None
-        self.client: ReceiverClient | None = None
-
-    def argv(self) -> list[str]:
-        from lvmirror.transports import receiver_argv
-        return receiver_argv(self.dest.path, self.state_dir)
+        dest = parse_destination(url) if isinstance(url, str) else url
+        if not dest.is_ssh:
+            raise ConfigError(f"destination: {shown(dest.raw)} is not an ssh:// URL")
+        super().__init__(dest, key, known_hosts, state_dir=state_dir, remote_python=remote_python,
+                         compress=compress, timeout=timeout)
 
     def connect(self) -> ReceiverClient:
         if self.client is not None:
@@ -360,15 +356,3 @@ class OpenSshTransport:
                                      where=f"receiver on {self.dest.host} for {self.dest.path}",
                                      on_close=link.close, diagnostics=link.stderr_tail)
         return self.client
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        elif self.link is not None:
-            self.link.close()
-
-    def __enter__(self) -> ReceiverClient:
-        return self.connect()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -342,6 +342,19 @@ def delta(old: bytes | None, new: bytes, base: str, target: str, *, source: str 
     return ident, blob
 
 
+_WORDS = [b"lvm", b"snapshot", b"mirror", b"chunk", b"delta", b"volume", b"\n", b"exception", b" ",
+          b"thin", b"0123", b"ext4"]
+
+
+def text(size: int, seed: int) -> bytes:
+    """Bytes that compress about 3:1 with zlib, like a filesystem's text and metadata."""
+    rnd = random.Random(seed)
+    out = bytearray()
+    while len(out) < size:
+        out += rnd.choice(_WORDS) + rnd.choice(_WORDS)
+    return bytes(out[:size])
+
+
 class MemoryReader:
     """A target held in memory, read as lvmirror reads a snapshot (``pread``, from any thread)."""
 

@@ -20,22 +20,11 @@ from lvmirror.compression import Policy
 from lvmirror.encoder import DeltaStream
 from lvmirror.pipelines import send
 from lvmirror.transports import SshTransport
-from tests.harness import memory_delta, sha, sha_file, staging_files
+from tests.harness import memory_delta, sha, sha_file, staging_files, text
 
 pytestmark = pytest.mark.ssh
 
 MiB = 1 << 20
-WORDS = [b"mirror", b"snapshot", b"volume", b" ", b"\n", b"chunk", b"extent", b"0123", b"lvm", b"ext4"]
-
-
-def text(size: int, seed: int) -> bytes:
-    rnd = random.Random(seed)
-    out = bytearray()
-    while len(out) < size:
-        out += rnd.choice(WORDS) + rnd.choice(WORDS)
-    return bytes(out[:size])
-
-
 def half_compressible(size: int, seed: int) -> bytes:
     """About 2:1 overall: text and random bytes in alternating 256 KiB runs."""
     rnd = random.Random(seed)

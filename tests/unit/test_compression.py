@@ -21,19 +21,7 @@ from lvdeltafs.formats.reader import StreamReader, verify_stream
 from lvdeltafs.formats.stream import StreamError, StreamUnsupported
 from lvmirror.compression import MAX_INTERVAL, PROBE_BYTES, RUN_BYTES, Policy, choose_mode, sample_ratio
 from lvmirror.encoder import DeltaStream, Resume
-from tests.harness import MiB, image, memory_delta, sha, sha_file, staging_files
-
-WORDS = [b"lvm", b"snapshot", b"mirror", b"chunk", b"delta", b"volume", b"\n", b"exception", b" ", b"thin"]
-
-
-def text(size: int, seed: int) -> bytes:
-    """Bytes that compress about 3:1, like a filesystem's text and metadata."""
-    rnd = random.Random(seed)
-    out = bytearray()
-    while len(out) < size:
-        out += rnd.choice(WORDS) + rnd.choice(WORDS)
-    return bytes(out[:size])
-
+from tests.harness import MiB, image, memory_delta, sha, sha_file, staging_files, text
 
 OLD = text(6 * MiB, 1)
 NEW = bytearray(OLD)

@@ -21,20 +21,7 @@ from lvdeltafs.formats.files import NAMES, DeltaFiles
 from lvdeltafs.formats.reader import iter_records
 from lvdeltafs.formats.stream import MAX_DATA
 from lvdeltafs.formats.verify import verify_path
-
-
-class MemTarget:
-    """A TargetReader over a bytes object."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.size = len(data)
-
-    def pread(self, offset: int, length: int) -> bytes:
-        return self.data[offset:offset + length]
-
-    def close(self) -> None:
-        pass
+from tests.harness import MemoryReader
 
 
 def make_delta(size, ranges, seed=0, point_in_time=True):
@@ -42,7 +29,7 @@ def make_delta(size, ranges, seed=0, point_in_time=True):
     ext = Extents.from_ranges([r[0] for r in ranges], [r[1] for r in ranges], [r[2] for r in ranges], size)
     ident = Identity(volume="vol", base="b@1", target="t@2", base_size=size, target_size=size,
                      chunk_size=4096, source="thin")
-    return Delta(ident, ext, MemTarget(target), point_in_time=point_in_time), target
+    return Delta(ident, ext, MemoryReader(target), point_in_time=point_in_time), target
 
 
 def naive(delta, target):
@@ -114,7 +101,7 @@ def test_manifest_size_known_before_digest():
 
 
 def test_sizes_need_no_reads():
-    class NoRead(MemTarget):
+    class NoRead(MemoryReader):
         def pread(self, offset, length):
             raise AssertionError("read during stat")
 
