@@ -90,6 +90,7 @@ BENCHES = [
     # mkfs.ext4 -d /usr/share takes most of this benchmark's time, whatever the size.
     Bench("compress", "bench_compress.py", ["--size-mib", "4096", "--change", "2", "--reps", "3"],
           netns_ready),
+    Bench("fanout", "bench_fanout.py", ["--size-mib", "2048", "--change", "2", "--reps", "3"]),
 ]
 
 
