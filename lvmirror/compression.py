@@ -12,6 +12,11 @@ of runs to the next one (up to ``MAX_INTERVAL``), so on a link where
 compression never pays (the loopback, a LAN) it costs a few percent at
 most; one that wins brings the next probe close.
 
+It starts sending raw and tries compression only while the host's CPU
+had room to spare during a raw run (``IDLE_MIN``): when sending raw
+already keeps the CPU busy (the loopback, a fast LAN, a busy host), the
+CPU, not the link, is the bottleneck, and compressing could only add to it.
+
 A local destination is a pipe, never the bottleneck: ``auto`` does not
 compress there, and sends a version-1 stream.
 """
@@ -31,12 +36,28 @@ PROBE_BYTES = 8 << 20
 RUN_BYTES = 32 << 20
 FIRST_INTERVAL = 2  # runs between probes at first, and after a probe wins
 MAX_INTERVAL = 32
+# Compressing costs CPU: while the host had less than this share of its CPU time idle during a run
+# sent raw, the CPU, not the link, is the bottleneck, and compression is not even tried.
+IDLE_MIN = 0.25
+
+
+def host_cpu() -> tuple[int, int] | None:
+    """(idle, total) CPU time of the host so far, in clock ticks (/proc/stat); None where unreadable."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != b"cpu" or len(fields) < 6:
+        return None
+    ticks = [int(x) for x in fields[1:] if x.isdigit()]
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, everything
 
 
 class Policy:
     """Whether each batch is compressed.  ``compresses``: whether the stream may hold compressed records."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, cpu: Callable[[], tuple[int, int] | None] | None = None):
         if mode not in MODES:
             raise ValueError(f"compress must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
@@ -44,8 +65,13 @@ class Policy:
         # Measured rates (uncompressed bytes per second) of each way, from its latest run.
         self.rate: dict[bool, float | None] = {True: None, False: None}
         self._measured: dict[bool, list[float]] = {True: [0, 0.0, -1], False: [0, 0.0, -1]}  # bytes, s, run
-        self.way = True  # auto starts compressing: over a slow link the first run already pays
+        # auto starts sending raw, to see how busy the CPU is then; a probe of compression follows
+        # unless it was nearly all busy.
+        self.way = False
         self.run_len = self.run_left = PROBE_BYTES
+        self.cpu = cpu or host_cpu
+        self._cpu_mark = self.cpu() if mode == "auto" else None
+        self.idle: float | None = None  # the host's idle share during the last run (None: unknown)
         self.run_no = 0
         self.probing = False
         self.interval = FIRST_INTERVAL
@@ -78,11 +104,28 @@ class Policy:
         got[1] += seconds
         self.rate[compressed] = got[0] / max(got[1], 1e-9)
 
+    def _measure_cpu(self) -> None:
+        now = self.cpu()
+        if now is not None and self._cpu_mark is not None and now[1] > self._cpu_mark[1]:
+            self.idle = (now[0] - self._cpu_mark[0]) / (now[1] - self._cpu_mark[1])
+        else:
+            self.idle = None
+        self._cpu_mark = now
+
+    def _cpu_bound(self) -> bool:
+        """Was the CPU nearly all busy during a raw run that just ended?  Then compressing cannot help."""
+        return not self.way and self.idle is not None and self.idle < IDLE_MIN
+
     def _next_run(self) -> None:
         self.run_no += 1
-        unknown = [way for way in (True, False) if self.rate[way] is None]
-        if unknown:
-            self.way, self.probing = unknown[0], False
+        self._measure_cpu()
+        if self.rate[True] is None:  # compression not measured yet: try it, unless the CPU is the limit
+            self.way = not self._cpu_bound()
+            self.probing = False
+            self.run_len = self.run_left = PROBE_BYTES if self.way else RUN_BYTES
+            return
+        if self.rate[False] is None:
+            self.way, self.probing = False, False
             self.run_len = self.run_left = PROBE_BYTES
             return
         best = self.rate[True] >= self.rate[False]  # type: ignore[operator]
@@ -90,7 +133,7 @@ class Policy:
             self.interval = FIRST_INTERVAL if best == self.way else min(self.interval * 2, MAX_INTERVAL)
             self.runs_since_probe = 0
             self.probing = False
-        elif self.runs_since_probe >= self.interval:
+        elif self.runs_since_probe >= self.interval and not (self._cpu_bound() and not best):
             self.way, self.probing = not best, True
             self.run_len = self.run_left = PROBE_BYTES
             return

@@ -240,21 +240,49 @@ def run_policy(policy: Policy, seconds_per_mib: dict[bool, float], mib: int, dep
     return policy.sent
 
 
+def NO_CPU():  # noqa: N802 (a constant-like stand-in): the host's CPU use, unknown
+    return None
+
+
+class FakeCpu:
+    """The host's CPU counters, advancing by ``busy`` of each tick the policy reads them at."""
+
+    def __init__(self, busy: float):
+        self.busy, self.total = busy, 0
+
+    def __call__(self) -> tuple[int, int]:
+        self.total += 1000
+        return int(self.total * (1 - self.busy)), self.total
+
+
 def test_auto_compresses_while_the_link_is_the_bottleneck():
-    sent = run_policy(Policy("auto"), {True: 0.01, False: 0.02}, 4096)  # compressed twice as fast
+    sent = run_policy(Policy("auto", cpu=NO_CPU), {True: 0.01, False: 0.02}, 4096)  # compressed twice as fast
     assert sent[True] > 0.95 * sum(sent.values())
 
 
 def test_auto_sends_raw_while_the_cpu_is_the_bottleneck_and_probes_rarely():
-    sent = run_policy(Policy("auto"), {True: 0.02, False: 0.01}, 4096)  # compression costs time
+    sent = run_policy(Policy("auto", cpu=NO_CPU), {True: 0.02, False: 0.01}, 4096)  # compression costs time
     assert sent[True] < 0.05 * sum(sent.values())
     # the probes: the first run, then ones at longer and longer intervals (at most MAX_INTERVAL runs)
     probes = 1 + 6 + 4096 * MiB // (RUN_BYTES * MAX_INTERVAL)
     assert sent[True] <= probes * PROBE_BYTES
 
 
+def test_auto_does_not_try_compression_while_the_cpu_is_all_busy():
+    """The loopback, a LAN: sending raw already keeps the CPU busy, so compressing cannot help."""
+    policy = Policy("auto", cpu=FakeCpu(busy=0.95))
+    sent = run_policy(policy, {True: 0.005, False: 0.01}, 1024)  # even if it looked faster per batch
+    assert sent[True] == 0
+
+
+def test_auto_tries_compression_when_the_cpu_has_room():
+    policy = Policy("auto", cpu=FakeCpu(busy=0.3))
+    sent = run_policy(policy, {True: 0.005, False: 0.01}, 1024)
+    assert sent[True] > 0.9 * sum(sent.values())
+
+
 def test_auto_follows_a_link_that_changes():
-    policy = Policy("auto")
+    policy = Policy("auto", cpu=NO_CPU)
     run_policy(policy, {True: 0.02, False: 0.01}, 1024)
     before = policy.sent[True]
     run_policy(policy, {True: 0.01, False: 0.05}, 1024)  # the link got busy
