@@ -65,10 +65,10 @@ class Policy:
         # Measured rates (uncompressed bytes per second) of each way, from its latest run.
         self.rate: dict[bool, float | None] = {True: None, False: None}
         self._measured: dict[bool, list[float]] = {True: [0, 0.0, -1], False: [0, 0.0, -1]}  # bytes, s, run
-        # auto starts sending raw, to see how busy the CPU is then; a probe of compression follows
-        # unless it was nearly all busy.
+        # auto starts with a whole run sent raw, to see how busy the CPU is then (past the start-up);
+        # a probe of compression follows unless it was nearly all busy.
         self.way = False
-        self.run_len = self.run_left = PROBE_BYTES
+        self.run_len = self.run_left = RUN_BYTES
         self.cpu = cpu or host_cpu
         self._cpu_mark = self.cpu() if mode == "auto" else None
         self.idle: float | None = None  # the host's idle share during the last run (None: unknown)
