@@ -157,13 +157,6 @@ def compare(name: str, server, base: Path, target: Path, offsets: list[int], mir
     return out
 
 
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=8192)
@@ -203,7 +196,7 @@ def main() -> int:
     print(f"loopback: auto takes {loss:.2f}x off's time (goal <= 1.05x)")
     print(f"compressing everything (zlib): {slow['off'][0] / slow['zlib'][0]:.2f}x off over the link, "
           f"{fast['zlib'][0] / fast['off'][0]:.2f}x off's time on the loopback")
-    print(f"peak RSS of the sender (this process): {peak_rss_mib():.0f} MiB")
+    print(f"peak RSS of the sender (this process): {benchjson.self_peak_mib():.0f} MiB")
     print(f"reproduce: .venv/bin/python scripts/bench/bench_compress.py --size-mib {args.size_mib} "
           f"--change {args.change} --reps {args.reps}")
     mb = changed / 1e6
@@ -215,7 +208,7 @@ def main() -> int:
                          ("<=", 1.05, "ratio"), "issue 12"),
         benchjson.Figure(f"zlib (always) over a {args.rate} link", mb / slow["zlib"][0], "MB/s of changes",
                          "compress = off", mb / slow["off"][0]),
-    ], peak_rss_mib=peak_rss_mib(), peak_rss_of="the sender",
+    ], peak_rss_mib=benchjson.self_peak_mib(), peak_rss_of="the sender",
         command=benchjson.reproduce("bench_compress.py"),
         size=f"{args.size_mib} MiB ext4, {args.change}% changed, {args.reps} reps")
     return 0

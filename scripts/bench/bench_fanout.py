@@ -156,13 +156,6 @@ def check(mirrors: list[Path], target: Path, offsets: list[int]) -> None:
                         raise SystemExit(f"{mirror} differs from the target at {off}")
 
 
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=2048)
@@ -191,7 +184,7 @@ def main() -> int:
         med[name] = (statistics.median(r[0] for r in rs), rs[-1][1])
         print(f"  {name:9}  median {med[name][0]:6.3f} s  runs {' '.join(f'{r[0]:.3f}' for r in rs)}  "
               f"read {med[name][1] / MiB:7.1f} MiB ({med[name][1] / data:.2f}x the delta's data)")
-    print(f"peak RSS of the sender (this process): {peak_rss_mib():.0f} MiB")
+    print(f"peak RSS of the sender (this process): {benchjson.self_peak_mib():.0f} MiB")
     print(f"reproduce: .venv/bin/python scripts/bench/bench_fanout.py --size-mib {args.size_mib} "
           f"--change {args.change} --reps {args.reps}")
     benchjson.write(args.json, "fanout", [
@@ -199,7 +192,7 @@ def main() -> int:
                          "the delta's data", data / MiB, ("<=", 1.0, "ratio"), "issue 13"),
         benchjson.Figure("time for 2 destinations, one read", med["one read"][0], "s",
                          "one after the other, two reads", med["two reads"][0]),
-    ], peak_rss_mib=peak_rss_mib(), peak_rss_of="the sender",
+    ], peak_rss_mib=benchjson.self_peak_mib(), peak_rss_of="the sender",
         command=benchjson.reproduce("bench_fanout.py"),
         size=f"{args.size_mib} MiB, {args.change}% changed, {args.reps} reps")
     return 0
