@@ -12,6 +12,7 @@ SHIPPED = (
     "lvdeltafs.formats.stream",     # the delta stream format: constants, errors, records
     "lvdeltafs.formats.codecs",     # compressed records' payloads
     "lvdeltafs.formats.reader",     # the stream's reader and its checks
+    "lvdeltafs.formats.overlay",    # earlier points composed from undo deltas
     "lvmirror.remote",
     "lvmirror.remote.wire",         # frames, JSON lines, error kinds, request fields (both ends)
     "lvmirror.remote.faults",       # the fault tests' kill hook
