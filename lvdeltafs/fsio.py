@@ -226,6 +226,10 @@ class Folder:
             raise
         self.sync()
 
+    def names(self) -> list[str]:
+        """The folder's entry names (as listed through its descriptor)."""
+        return os.listdir(self.fd)
+
     def rename(self, old: str, new: str) -> None:
         os.rename(old, new, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 

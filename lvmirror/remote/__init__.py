@@ -19,6 +19,7 @@ SHIPPED = (
     "lvmirror.remote.destination",  # where the destination and its files are, its identity, its lock
     "lvmirror.remote.state",        # the state and progress files, and the base check
     "lvmirror.remote.staging",      # verified, durable, resumable staging of a delta
+    "lvmirror.remote.history",      # undo deltas, points, retention, rewind
     "lvmirror.remote.apply",        # preflight, writes, replay, commit
     "lvmirror.remote.session",      # one session's engine over one destination
     "lvmirror.remote.server",       # the request loop and main()

@@ -3,20 +3,26 @@
 Order, and why:
 
 1. Preflight, before anything is recorded: verify the whole staged stream
-   again (a bit flip on the staging disk must not reach the destination),
-   check the destination's size can be what the delta says (a block device's
-   exact size; an image file grown to it, so a filesystem that cannot hold
-   that size refuses here), and reserve space for the data ranges (so a full
-   filesystem is found now).  Any failure here leaves the destination as it
-   was and the delta staged.
-2. Record ``applying`` (with the destination's binding) in the state file.
-3. Write every record at its absolute offset; fsync.
-4. Write the new state with the destination's new binding; remove the staging files.
+   again (a bit flip on the staging disk must not reach the destination);
+   keep the undo delta of what the apply overwrites, durably (:mod:`.history`;
+   only for a destination whose state is trusted, and when history is kept);
+   then check the destination's size can be what the delta says (a block
+   device's exact size; an image file grown to it, so a filesystem that
+   cannot hold that size refuses here), and reserve space for the data ranges
+   (so a full filesystem is found now).  Any failure here leaves the
+   destination as it was and the delta staged.
+2. (The undo delta, above: complete on disk before step 3 names it.)
+3. Record ``applying`` (with the destination's binding and the history plan) in the state file.
+4. Write every record at its absolute offset; fsync.
+5. Write the new state with the destination's new binding and history; remove
+   the staging files and the undo deltas it no longer lists.
 
 Writes are absolute, so a session that finds ``applying`` with the delta
 still staged and the same destination replays it (steps 1 without reserving,
-then 3 and 4).  One that cannot (the destination was replaced, the staged
-copy is damaged) reports why and leaves the way out to ``lvmirror discard``.
+then 4 and 5, with the history plan ``applying`` recorded: its undo delta was
+complete before step 4 began, and is never written again).  One that cannot
+(the destination was replaced, the staged copy is damaged) reports why and
+leaves the way out to ``lvmirror discard``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from lvdeltafs.formats import reader as _reader
 from lvdeltafs.formats.stream import MAX_DATA, StreamError
 from lvdeltafs.fsio import pwrite_all
 from lvmirror.remote import faults
+from lvmirror.remote import history as _history
 from lvmirror.remote.destination import Destination
 from lvmirror.remote.state import WAY_OUT, Files, now
 from lvmirror.remote.wire import CorruptError, NoSpaceError, RefusedError
@@ -133,30 +140,46 @@ def staged_records(files: Files) -> Iterator[_reader.Record]:
             raise CorruptError(f"the staged copy of the delta ({where}) is damaged: {e}; {WAY_OUT}") from None
 
 
-def preflight(files: Files, writer: Writer, progress: dict[str, Any], *, reserve: bool) -> None:
-    """Step 1: verify the staged stream, fit the size, reserve space; the destination is left as it was."""
-    dest, target_size = files.dest, progress["identity"]["target_size"]
-    st = os.fstat(writer.fd)
+def verify_staged(files: Files) -> list[tuple[int, int, bool]]:
+    """Step 1a: verify the whole staged stream again (a bit flip on the staging disk must not reach the
+    destination); the ranges it writes: (offset, length, whether it holds data that is not all zeros)."""
+    ranges: list[tuple[int, int, bool]] = []
+    for rec in staged_records(files):
+        if rec.type == "data":
+            ranges.append((rec.offset, rec.length, rec.data != _ZEROS[:rec.length]))
+        elif rec.type == "zero":
+            ranges.append((rec.offset, rec.length, False))
+    return ranges
+
+
+def check_block_size(dest: Destination, fd: int, target_size: int) -> None:
     if dest.is_block:
-        have = os.lseek(writer.fd, 0, os.SEEK_END)
+        have = os.lseek(fd, 0, os.SEEK_END)
         if have != target_size:
             raise RefusedError(block_size_message(dest.path, have, target_size))
+
+
+def make_room(files: Files, writer: Writer, progress: dict[str, Any], ranges: list[tuple[int, int, bool]],
+              *, reserve: bool) -> None:
+    """Step 1b: fit the size and reserve space for the data; on failure the destination is left as it was."""
+    dest, target_size = files.dest, progress["identity"]["target_size"]
+    if dest.is_block:
+        return
+    st = os.fstat(writer.fd)
     try:
-        if not dest.is_block and target_size > st.st_size:
+        if target_size > st.st_size:
             _grow(writer.fd, dest.path, target_size)
-        reserve = reserve and not dest.is_block
-        for rec in staged_records(files):
-            if reserve and rec.type == "data" and rec.data != _ZEROS[:rec.length]:
+        for offset, length, data in ranges if reserve else ():
+            if data:
                 try:
-                    fallocate(writer.fd, FALLOC_FL_KEEP_SIZE, rec.offset, rec.length)
+                    fallocate(writer.fd, FALLOC_FL_KEEP_SIZE, offset, length)
                 except OSError as e:
                     if e.errno in NOSPACE:
                         raise
-                    reserve = False  # no fallocate here: find out while writing instead
+                    break  # no fallocate here: find out while writing instead
     except BaseException as e:
-        if not dest.is_block:
-            os.ftruncate(writer.fd, st.st_size)  # frees what was reserved past the end
-            dest.restore_mtime(writer.fd, st.st_mtime_ns)
+        os.ftruncate(writer.fd, st.st_size)  # frees what was reserved past the end
+        dest.restore_mtime(writer.fd, st.st_mtime_ns)
         if isinstance(e, OSError) and e.errno in NOSPACE:
             need = progress["reader"]["dbytes"]
             raise NoSpaceError(
@@ -192,18 +215,36 @@ def write_records(files: Files, writer: Writer, identity: dict[str, Any]) -> Non
             faults.tick("apply")
 
 
-def apply_staged(files: Files, progress: dict[str, Any], old: dict[str, Any], *,
-                 replay: bool) -> dict[str, Any]:
-    """Steps 1 to 4 for the complete staged delta; returns the new state."""
+def apply_staged(files: Files, progress: dict[str, Any], old: dict[str, Any], *, replay: bool,
+                 keep: _history.Keep | None = None,
+                 plan: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Steps 1 to 5 for the complete staged delta; returns the new state and warnings for the sender.
+
+    ``plan`` is the history plan of a replay (what ``applying`` recorded) or of a rewind."""
     dest, identity, delta_id = files.dest, progress["identity"], progress["delta_id"]
     fd = dest.open_rw()
     try:
         writer = Writer(dest, fd)
-        preflight(files, writer, progress, reserve=not replay)
+        check_block_size(dest, fd, identity["target_size"])
+        ranges = verify_staged(files)
+        if plan is None:
+            # Before make_room grows the file or reserves space: the undo delta reads the bytes as they are,
+            # and a run killed while writing it leaves the destination exactly as its state says.
+            plan = _history.plan(files, fd, old, identity, [(o, n) for o, n, _ in ranges],
+                                 trusted=_history.trusted(dest, old), forced=progress["force"], keep=keep)
+        try:
+            make_room(files, writer, progress, ranges, reserve=not replay)
+        except NoSpaceError:
+            if plan.get("mode") != "add":
+                raise
+            # Room for the undo delta but then not for the apply: the sync matters more than its history.
+            plan = _history.drop_for_room(files, old)
+            make_room(files, writer, progress, ranges, reserve=True)
         binding = dest.binding()
         try:
             files.write_state({**old, "applying": {"delta_id": delta_id, "target": identity["target"],
-                                                   "started": now()[0], "binding": binding}})
+                                                   "started": now()[0], "binding": binding,
+                                                   "history": plan}})
         except OSError as e:
             if e.errno in NOSPACE:
                 raise NoSpaceError(f"no space left on {dest.where(dest.state_name)}'s filesystem for the "
@@ -222,14 +263,15 @@ def apply_staged(files: Files, progress: dict[str, Any], old: dict[str, Any], *,
     finally:
         os.close(fd)
     faults.tick("applied")
-    new = commit(files, old, identity, delta_id, forced=progress["force"])
+    new = commit(files, old, identity, delta_id, forced=progress["force"], plan=plan)
     faults.tick("committed")
     files.discard_staging()
-    return new
+    _history.sweep(files, new)
+    return new, [plan["warning"]] if plan.get("warning") else []
 
 
 def commit(files: Files, old: dict[str, Any], identity: dict[str, Any], delta_id: str, *,
-           forced: bool) -> dict[str, Any]:
+           forced: bool, plan: dict[str, Any]) -> dict[str, Any]:
     """Step 4: the destination now holds the delta's target, and is bound to as it is now."""
     synced, epoch = now()
     # A forced apply is followed by a full check; only a compare (repair) delta clears that.
@@ -238,5 +280,5 @@ def commit(files: Files, old: dict[str, Any], identity: dict[str, Any], delta_id
     new.update(volume=identity["volume"], snapshot=identity["target"], size=identity["target_size"],
                generation=int(old.get("generation") or 0) + 1, synced=synced, synced_epoch=epoch,
                delta_id=delta_id, source=identity["source"], needs_check=forced or still_unchecked,
-               binding=files.dest.binding())
+               binding=files.dest.binding(), history=_history.after(files, old, plan, epoch))
     return files.write_state(new)

@@ -14,12 +14,13 @@ Files beside an image file ``DIR/NAME`` (DIR must be safe, see
     staging   DIR/NAME.lvmirror-staging
     progress  DIR/NAME.lvmirror-staging.progress
     lock      DIR/NAME.lvmirror-lock
+    history   DIR/NAME.lvmirror-undo-GENERATION (docs/history.md)
 
 A block device's files live in its state folder (default
 ``/var/lib/lvmirror/receiver``), named after the device's identity, not its
 path, so two spellings of one device share one lock and one state and two
 devices never share either: ``ID.json``, ``ID.staging``,
-``ID.staging.progress``, ``ID.lock``.  The identity is the device-mapper UUID
+``ID.staging.progress``, ``ID.lock``, ``ID.undo-GENERATION``.  The identity is the device-mapper UUID
 (every LVM volume has one), else the device's ``/dev/disk/by-id`` name, else
 its device number.  ``PATH.device`` (the path as given, escaped) says which
 device that path named when its mirror was last written, so a device swapped
@@ -124,6 +125,7 @@ class Destination:
                 self.alias_name = f"{_file_stem(os.path.normpath(path))}.device"
                 self.state_name, self.staging_name = state_name_of(self.device), f"{stem}.staging"
                 self.lock_name = f"{stem}.lock"
+                self.undo_prefix = f"{stem}.undo-"
             else:
                 folder, self.name = os.path.split(self.path)
                 if not os.path.isdir(folder):
@@ -134,6 +136,7 @@ class Destination:
                 self.state_name = f"{self.name}.lvmirror-state"
                 self.staging_name = f"{self.name}.lvmirror-staging"
                 self.lock_name = f"{self.name}.lvmirror-lock"
+                self.undo_prefix = f"{self.name}.lvmirror-undo-"
         except UnsafePath as e:
             raise _refused(e) from None
         self.progress_name = f"{self.staging_name}.progress"

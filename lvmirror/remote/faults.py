@@ -1,6 +1,7 @@
 """The fault tests' kill hook: ``LVMIRROR_TEST_KILL_AT=PHASE:N`` SIGKILLs the receiver at its N-th PHASE.
 
 Phases: ``receive`` (a record staged), ``sync`` (staging progress saved),
+``undo`` (a block of an undo delta written), ``rewind`` (a rewind's delta staged),
 ``apply`` (a destination write), ``applied`` (after the destination's fsync,
 before the new state), ``committed`` (after the new state, before the staging
 files are removed).  Without the variable every tick is a no-op.

@@ -19,7 +19,7 @@ from lvmirror.remote.session import Session
 from lvmirror.remote.staging import FrameReader
 from lvmirror.remote.wire import BusyError, Channel, ConnectionLost, IoError, ProtocolError, RemoteError
 
-OPS = ("hello", "receive", "apply", "digests", "discard", "bye")
+OPS = ("hello", "receive", "apply", "rewind", "digests", "discard", "bye")
 
 
 class Server:
@@ -69,7 +69,9 @@ class Server:
         elif op == "receive":
             self.receive(req)
         elif op == "apply":
-            self.chan.write_message({"ok": True, **self.session.apply()})
+            self.chan.write_message({"ok": True, **self.session.apply(req)})
+        elif op == "rewind":
+            self.chan.write_message({"ok": True, **self.session.rewind(req)})
         elif op == "digests":
             self.digests(req)
         elif op == "discard":

@@ -8,6 +8,7 @@ as if it were whole.  Every request's fields are checked here, through
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 from lvdeltafs.formats import codecs
 from lvdeltafs.fsio import pread_into
 from lvmirror.remote import apply as applying
+from lvmirror.remote import history
 from lvmirror.remote.destination import Destination
 from lvmirror.remote.staging import ForeignStream, FrameReader, Stager, receive
 from lvmirror.remote.state import WAY_OUT, Files, describe, unknown_reason
@@ -46,6 +48,7 @@ class Session:
         self.dest = Destination(dest, state_dir)
         self.files = Files(self.dest)
         self.replayed: str | None = None
+        self.warnings: list[str] = []
         self.problem: str | None = None
         self._locked = False
         self._recovered = False
@@ -71,6 +74,12 @@ class Session:
                 raise
             return
         self._recovered = True
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove undo files no state lists (a killed run's); a damaged state is reported elsewhere."""
+        with contextlib.suppress(StateError):
+            history.sweep(self.files, self.files.state() or {})
 
     def recover(self) -> None:
         state = self.files.state() or {}
@@ -92,7 +101,9 @@ class Session:
                             "applied to it; the staged delta does not belong on the new one; " + WAY_OUT)
             return
         old = {k: v for k, v in state.items() if k != "applying"}
-        applying.apply_staged(self.files, progress, old, replay=True)
+        plan = pending.get("history") if isinstance(pending.get("history"), dict) else {"mode": "drop"}
+        _new, warnings = applying.apply_staged(self.files, progress, old, replay=True, plan=plan)
+        self.warnings += warnings
         self.replayed = pending["delta_id"]
         print(f"lvmirror receiver: finished applying delta {self.replayed} to {self.dest.path}",
               file=sys.stderr)
@@ -193,7 +204,8 @@ class Session:
 
     # -- apply
 
-    def apply(self) -> dict[str, Any]:
+    def apply(self, req: dict[str, Any]) -> dict[str, Any]:
+        keep = history.Keep.from_request(req.get("keep"))
         progress = self.files.progress()
         if not progress:
             raise StateError(f"nothing is staged for {self.dest.path}: send a delta first")
@@ -202,9 +214,40 @@ class Session:
                              f"of {progress.get('stream_size') or '?'}: send the rest before applying")
         self.check_base(progress["identity"], progress["delta_id"], progress["force"])
         state = self.files.state() or {}
-        new = applying.apply_staged(self.files, progress, state, replay=False)
+        new, warnings = applying.apply_staged(self.files, progress, state, replay=False, keep=keep)
         self.problem = None
-        return {"applied": progress["delta_id"], "state": new}
+        return {"applied": progress["delta_id"], "state": new, "warnings": self._take_warnings(warnings)}
+
+    def _take_warnings(self, more: list[str]) -> list[str]:
+        out, self.warnings = self.warnings + more, []
+        return out
+
+    # -- history
+
+    def rewind(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Make the destination equal a kept point, through a staged apply (a killed rewind is replayed)."""
+        generation = int_field(req, "to")
+        keep = history.Keep.from_request(req.get("keep"))
+        if self.problem:
+            raise RefusedError(self.problem)
+        state, unknown = self.known_state()
+        if not state or not state.get("snapshot"):
+            raise RefusedError(f"cannot rewind {self.dest.path}: "
+                               f"{unknown or 'it holds nothing lvmirror knows of'}; nothing was changed")
+        entries = history.rewind_layers(self.files, state, generation)
+        base_fd = self.dest.open_read()
+        try:
+            composed, fds = history.compose(self.files, base_fd, entries)
+            try:
+                progress = history.stage_rewind(self.files, state, entries, composed)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        finally:
+            os.close(base_fd)
+        new, warnings = applying.apply_staged(self.files, progress, state, replay=False, keep=keep,
+                                              plan={"mode": "rewind", "to": generation})
+        return {"rewound": generation, "state": new, "warnings": self._take_warnings(warnings)}
 
     # -- the way out
 
@@ -222,6 +265,7 @@ class Session:
                                            f"to hold ({held}); its content is unknown until a resync"})
         self.problem = None
         self._recovered = True
+        self._sweep()  # the history described bytes that are no longer known
         return {"discarded": True}
 
     # -- digests

@@ -1,0 +1,216 @@
+"""Mirror history through the real receiver (the shipped bundle in a subprocess): undo deltas, points,
+retention, rewind, and what a damaged or hand-edited history does.  Points are composed with
+lvdeltafs.formats.overlay and compared byte for byte with what the mirror held at each sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from lvdeltafs.errors import LvError
+from lvdeltafs.formats.overlay import Composed, index_undo, overlay
+from lvmirror.remote.history import Keep
+from lvmirror.transports import LocalTransport
+from tests.harness import MiB, BytesSource, delta, image, sha, sha_file, staging_files
+
+KEEP3 = Keep(3)
+
+
+def versions(n: int, size: int = 4 * MiB) -> list[bytes]:
+    """n images, each a few rewritten islands of the one before; sizes change (grow, shrink) on the way."""
+    rng = random.Random(7)
+    out = [image(size, [(0, 300_000), (2 * MiB, MiB)], seed=1)]
+    for i in range(1, n):
+        cur = bytearray(out[-1])
+        if i == 2:
+            cur += image(MiB + 4096, [(0, MiB)], seed=50)  # grown
+        if i == 4:
+            cur = cur[:3 * MiB + 8192]  # shrunk
+        for _ in range(5):
+            off = rng.randrange(0, len(cur) - 70_000)
+            cur[off:off + 65_536] = rng.randbytes(65_536) if rng.random() < 0.8 else bytes(65_536)
+        out.append(bytes(cur))
+    return out
+
+
+def state(dest: Path) -> dict:
+    return json.loads(Path(f"{dest}.lvmirror-state").read_text())
+
+
+def sync_all(dest: Path, vs: list[bytes], keep: Keep | None = KEEP3, start: int = 0) -> None:
+    for i in range(start, len(vs)):
+        old = vs[i - 1] if i else None
+        ident, blob = delta(old, vs[i], f"vol@{i}" if i else "", f"vol@{i + 1}")
+        with LocalTransport(str(dest)) as rc:
+            rc.keep = keep
+            rc.send_delta(BytesSource(blob), ident.delta_id)
+            rc.apply()
+
+
+def composed(dest: Path, generation: int) -> bytes:
+    """Point ``generation`` composed from the mirror and its undo deltas, as the mount composes it."""
+    entries = state(dest)["history"]
+    chain = [e for e in entries if e["generation"] >= generation]
+    fds = [os.open(dest.parent / e["undo"], os.O_RDONLY) for e in chain]
+    base = os.open(dest, os.O_RDONLY)
+    try:
+        idx = [index_undo(fd) for fd in fds]
+        size = idx[0].target_size
+        return Composed(base, os.fstat(base).st_size, fds, overlay([i.ranges for i in idx], size), size).read(
+            0, size)
+    finally:
+        for fd in fds + [base]:
+            os.close(fd)
+
+
+def test_five_syncs_keep_three_points_each_equal_to_what_the_mirror_held(tmp_path: Path):
+    dest = tmp_path / "mirror.img"
+    vs = versions(6)
+    sync_all(dest, vs)
+    st = state(dest)
+    assert st["generation"] == 6 and sha_file(dest) == sha(vs[5])
+    assert [e["generation"] for e in st["history"]] == [3, 4, 5]
+    for e in st["history"]:
+        assert e["snapshot"] == f"vol@{e['generation']}" and e["size"] == len(vs[e["generation"] - 1])
+        assert composed(dest, e["generation"]) == vs[e["generation"] - 1], f"point {e['generation']}"
+        assert os.stat(dest.parent / e["undo"]).st_mode & 0o077 == 0
+        assert os.path.getsize(dest.parent / e["undo"]) == e["undo_bytes"]
+    # The dropped points' files are gone, and nothing else of history lies beside the mirror.
+    assert sorted(p.name for p in tmp_path.glob("*undo*")) == sorted(e["undo"] for e in st["history"])
+    # An undo delta costs about what the sync changed, not the volume.
+    assert all(e["undo_bytes"] < 2 * MiB for e in st["history"])
+
+
+@pytest.mark.parametrize("to", [3, 4, 5])
+def test_rewind_makes_the_mirror_equal_the_point_and_drops_newer_points(tmp_path: Path, to: int):
+    dest = tmp_path / "mirror.img"
+    vs = versions(6)
+    sync_all(dest, vs)
+    with LocalTransport(str(dest)) as rc:
+        reply = rc.rewind(to)
+    assert sha_file(dest) == sha(vs[to - 1])
+    st = state(dest)
+    assert st["snapshot"] == f"vol@{to}" and st["source"] == "rewind" and st["generation"] == 7
+    assert [e["generation"] for e in st["history"]] == [g for g in (3, 4, 5) if g < to]
+    assert reply["state"]["snapshot"] == f"vol@{to}" and staging_files(dest) == []
+    for e in st["history"]:  # the older points still compose
+        assert composed(dest, e["generation"]) == vs[e["generation"] - 1]
+    assert sorted(p.name for p in tmp_path.glob("*undo*")) == sorted(e["undo"] for e in st["history"])
+
+
+def test_a_sync_after_a_rewind_needs_the_point_it_holds_as_its_base(tmp_path: Path):
+    dest = tmp_path / "mirror.img"
+    vs = versions(6)
+    sync_all(dest, vs)
+    with LocalTransport(str(dest)) as rc:
+        rc.rewind(4)
+    ident, blob = delta(vs[5], vs[5], "vol@6", "vol@7")
+    with LocalTransport(str(dest)) as rc, pytest.raises(LvError, match="holds snapshot vol@4"):
+        rc.send_delta(BytesSource(blob), ident.delta_id)
+    # From the point it holds, a sync goes on, and the point it left becomes a point again.
+    sync_all(dest, vs[:3] + [vs[3], vs[5]], start=4)
+    assert sha_file(dest) == sha(vs[5])
+    st = state(dest)
+    assert st["history"][-1]["snapshot"] == "vol@4"
+    assert composed(dest, st["history"][-1]["generation"]) == vs[3]
+
+
+def test_rewind_to_a_point_not_kept_changes_nothing(tmp_path: Path):
+    dest = tmp_path / "mirror.img"
+    vs = versions(4)
+    sync_all(dest, vs)
+    before = sha_file(dest), state(dest)
+    with LocalTransport(str(dest)) as rc, pytest.raises(LvError, match="no point with generation 4"):
+        rc.rewind(4)  # the generation the mirror holds now is no kept point
+    assert (sha_file(dest), state(dest)) == before
+
+
+def test_history_off_keeps_nothing_and_a_forced_apply_drops_it(tmp_path: Path):
+    dest = tmp_path / "mirror.img"
+    vs = versions(4)
+    sync_all(dest, vs[:3])
+    assert len(state(dest)["history"]) == 2
+    sync_all(dest, vs, keep=Keep(0), start=3)
+    assert state(dest)["history"] == [] and list(tmp_path.glob("*undo*")) == []
+    # A mirror written behind lvmirror's back: its history would lead back to bytes never there.
+    sync_all(dest, versions(6)[:5], start=4)
+    with open(dest, "r+b") as f:
+        f.write(b"tampered")
+    ident, blob = delta(vs[3], vs[2], "vol@4", "vol@9")
+    with LocalTransport(str(dest)) as rc:
+        rc.send_delta(BytesSource(blob), ident.delta_id, force=True)
+        rc.apply()
+    assert state(dest)["history"] == [] and list(tmp_path.glob("*undo*")) == []
+
+
+@pytest.mark.parametrize("edit", [
+    lambda e: e.update(undo="../../etc/shadow"),
+    lambda e: e.update(undo="mirror.img.lvmirror-state"),
+    lambda e: e.update(generation="3"),
+    lambda e: e.update(extra=1),
+    lambda e: e.update(snapshot="a\x1b[2Jb"),
+])
+def test_a_hand_edited_history_is_a_damaged_state_and_changes_nothing(tmp_path: Path, edit):
+    dest = tmp_path / "mirror.img"
+    vs = versions(4)
+    sync_all(dest, vs)
+    doc = state(dest)
+    edit(doc["history"][0])
+    Path(f"{dest}.lvmirror-state").write_text(json.dumps(doc))
+    before = sha_file(dest)
+    with LocalTransport(str(dest)) as rc, pytest.raises(LvError, match="damaged"):
+        rc.rewind(doc["history"][-1]["generation"])
+    assert sha_file(dest) == before and (tmp_path / "mirror.img.lvmirror-state").exists()
+
+
+def test_a_damaged_undo_delta_refuses_the_rewind_and_changes_nothing(tmp_path: Path):
+    dest = tmp_path / "mirror.img"
+    vs = versions(4)
+    sync_all(dest, vs)
+    first = state(dest)["history"][0]
+    undo = tmp_path / first["undo"]
+    raw = bytearray(undo.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    undo.write_bytes(bytes(raw))
+    before = sha_file(dest), state(dest)
+    with LocalTransport(str(dest)) as rc, pytest.raises(LvError, match="damaged"):
+        rc.rewind(first["generation"])
+    assert (sha_file(dest), state(dest)) == before
+    with LocalTransport(str(dest)) as rc:  # a newer point does not need that file
+        rc.rewind(state(dest)["history"][-1]["generation"])
+    assert sha_file(dest) == sha(vs[2])
+
+
+def test_a_link_planted_as_an_undo_delta_is_not_followed(tmp_path: Path):
+    dest = tmp_path / "mirror.img"
+    vs = versions(4)
+    sync_all(dest, vs)
+    first = state(dest)["history"][0]
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x" * 100)
+    (tmp_path / first["undo"]).unlink()
+    (tmp_path / first["undo"]).symlink_to(victim)
+    with LocalTransport(str(dest)) as rc, pytest.raises(LvError, match="symbolic link"):
+        rc.rewind(first["generation"])
+    assert victim.read_bytes() == b"x" * 100
+
+
+def test_debris_of_a_killed_run_is_swept_and_files_of_others_are_not(tmp_path: Path):
+    dest = tmp_path / "mirror.img"
+    vs = versions(3)
+    sync_all(dest, vs)
+    for name in ("mirror.img.lvmirror-undo-part", "mirror.img.lvmirror-undo-99"):
+        (tmp_path / name).write_bytes(b"debris")
+    keep = ("mirror.img.lvmirror-undo-notes.txt", "other.img.lvmirror-undo-1")
+    for name in keep:
+        (tmp_path / name).write_bytes(b"not ours")
+    with LocalTransport(str(dest)) as rc:
+        rc.hello()
+    assert not (tmp_path / "mirror.img.lvmirror-undo-part").exists()
+    assert not (tmp_path / "mirror.img.lvmirror-undo-99").exists()
+    assert all((tmp_path / n).read_bytes() == b"not ours" for n in keep)
+    assert len(state(dest)["history"]) == 2
