@@ -172,6 +172,16 @@ def _views(ctx: click.Context, name: str, dest: str | None) -> list:
     return [vol.view(parse_destination(dest, f"--dest {printable(dest)}"))]
 
 
+def _one_view(ctx: click.Context, volume: str, dest: str | None):
+    """The view of VOLUME's one destination (--dest); a volume with several must name it."""
+    vol = _config(ctx).volume(volume)
+    if vol.several and not dest:
+        raise click.UsageError(f"{volume} has {len(vol.destinations)} destinations: name the one with "
+                               "--dest (" + ", ".join(printable(d.raw) for d in vol.destinations) + ")")
+    (view,) = _views(ctx, volume, dest) if dest else [vol]
+    return view
+
+
 def _metrics(ctx: click.Context, *, now: bool = False) -> None:
     """Rewrite the metrics file (if configured) after a run; `sync --all` writes it once, at its end."""
     if ctx.obj.get("metrics_later") and not now:
@@ -456,11 +466,7 @@ def discard(ctx: click.Context, volume: str | None, dest: str | None, state_dir:
     if not volume and not dest:
         raise click.UsageError("name one VOLUME or give --dest DEST")
     if volume:
-        vol = _config(ctx).volume(volume)
-        if vol.several and not dest:
-            raise click.UsageError(f"{volume} has {len(vol.destinations)} destinations: name the one with "
-                                   "--dest (" + ", ".join(printable(d.raw) for d in vol.destinations) + ")")
-        (view,) = _views(ctx, volume, dest) if dest else [vol]
+        view = _one_view(ctx, volume, dest)
         _locked(ctx, volume, lambda _vol: pipelines.discard_volume(view))
     else:
         assert dest is not None
@@ -478,4 +484,8 @@ def _ssh_options(key: str | None, known_hosts: str | None, transport: str = "par
     return SshOptions(key, known_hosts, transport)
 
 
+from lvmirror.cli_points import history, rewind  # noqa: E402 - they use the helpers above
+
+cli.add_command(history)
+cli.add_command(rewind)
 main = run_group(cli, "lvmirror")

@@ -31,6 +31,7 @@ from lvdeltafs.formats.stream import StreamError
 from lvmirror.bwlimit import TokenBucket, estimate
 from lvmirror.encoder import Resume
 from lvmirror.remote import wire
+from lvmirror.remote.history import Keep
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,7 @@ class ReceiverClient:
         self.limit: TokenBucket | None = None
         self.local = False  # a pipe to a local receiver (set by lvmirror.transports): never a slow link
         self.codecs: tuple[str, ...] = ()  # what the far side decompresses, from its last hello
+        self.keep: Keep | None = None  # the history retention sent with each apply (None: the receiver's)
 
     @property
     def bwlimit(self) -> int | None:
@@ -369,7 +371,22 @@ class ReceiverClient:
 
     def apply(self) -> dict[str, Any]:
         """Apply the complete staged delta; returns {"applied": delta_id, "state": new state}."""
-        return self.request("apply")
+        return self._with_warnings(self.request("apply", **self._keep()))
+
+    def rewind(self, generation: int) -> dict[str, Any]:
+        """Make the destination equal its kept point ``generation``; returns {"rewound", "state"}."""
+        return self._with_warnings(self.request("rewind", to=generation, **self._keep()))
+
+    def _keep(self) -> dict[str, Any]:
+        return {"keep": self.keep.as_dict()} if self.keep else {}
+
+    def _with_warnings(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """Log what the receiver warns of (its history pruned for space, say); text from the far side is
+        shown escaped and bounded."""
+        warnings = reply.get("warnings")
+        for text in warnings[:8] if isinstance(warnings, list) else ():
+            log.warning("%s: %s", self.where, wire.shown(str(text))[:400])
+        return reply
 
     def discard(self) -> None:
         """Set aside what is staged and what the state claims (the way out of a stuck mirror)."""

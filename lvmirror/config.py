@@ -9,6 +9,9 @@
     bwlimit = "12M"                           # optional: a cap on the bytes sent per second
     exact = true                              # send only the 4 KiB blocks that differ from the base
     ssh_transport = "openssh"                 # ssh:// destinations: OpenSSH's ssh client, not paramiko
+    history_points = 7                        # earlier points each mirror keeps (docs/history.md; 0: none)
+    history_age = "30d"                       # optional: and none older than this
+    history_size = "20G"                      # optional: and their undo deltas in at most this much space
 
     [volume.web]
     vg = "vg0"
@@ -39,6 +42,7 @@ from typing import Any
 
 from lvdeltafs.errors import BadInput
 from lvdeltafs.lvm import check_name, dm_name
+from lvmirror import retention
 from lvmirror.destinations import (  # noqa: F401 - ConfigError, UnsafeConfig, Destination: config's API too
     ConfigError,
     Destination,
@@ -52,6 +56,7 @@ from lvmirror.destinations import (  # noqa: F401 - ConfigError, UnsafeConfig, D
 from lvmirror.destinations import (
     shown as shown_value,
 )
+from lvmirror.remote.history import Keep
 
 DEFAULT_PATH = "/etc/lvmirror/lvmirror.toml"
 ENV_PATH = "LVMIRROR_CONFIG"
@@ -63,7 +68,7 @@ VOLUME_ONLY = ("vg", "lv", "destination", "destinations")
 REQUIRED = ("vg", "lv")  # and exactly one of destination, destinations
 MAX_DESTINATIONS = 8
 SHARED_KEYS = ("snapshot_size", "keep", "state_dir", "ssh_key", "known_hosts", "ssh_transport", "bwlimit",
-               "exact", "compress")
+               "exact", "compress") + retention.KEYS
 DEFAULTS_ONLY = ("lock_dir", "work_dir", "metrics_file")
 VOLUME_KEYS = VOLUME_ONLY + SHARED_KEYS
 DEFAULTS_KEYS = SHARED_KEYS + DEFAULTS_ONLY
@@ -93,6 +98,7 @@ class VolumeConfig:
     exact: bool = False  # send only the 4 KiB blocks that differ from the base (see lvdeltafs.exact)
     compress: str = "auto"  # auto | off | zlib: see lvmirror.compression
     ssh_transport: str = "paramiko"  # or "openssh": the system's ssh client (see lvmirror.openssh)
+    history: Keep = Keep(retention.DEFAULT_POINTS)  # how many points the receiver keeps (lvmirror.retention)
     # Every destination of the volume; ``destination`` is the one this object is about (the first, or
     # the one a per-destination view was made for: see views()).
     destinations: tuple[Destination, ...] = ()
@@ -361,6 +367,7 @@ def _volume(name: str, body: dict[str, Any], defaults: dict[str, Any], path: str
         exact=_bool(merged.get("exact", False), f"{where} exact"),
         compress=_compress(merged.get("compress", "auto"), f"{where} compress"),
         ssh_transport=ssh_transport,
+        history=retention.parse(merged, where),
     )
 
 

@@ -120,6 +120,7 @@ def volume_receiver(vol: VolumeConfig) -> Iterator[ReceiverClient]:
     dest = vol.destination.raw if vol.destination.is_ssh else vol.destination.path
     with receiver_for(dest, vol.state_dir, SshOptions(vol.ssh_key, vol.known_hosts, vol.ssh_transport),
                       vol.bwlimit) as client:
+        client.keep = vol.history
         yield client
 
 

@@ -673,6 +673,9 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
     "exact": _mostly(st.sampled_from(["true", "false", '"true"', "1"])),
     "compress": _mostly(st.sampled_from(['"auto"', '"off"', '"zlib"', '"gzip"', "true", '"AUTO"'])),
     "ssh_transport": _mostly(st.sampled_from(['"paramiko"', '"openssh"', '"OpenSSH"', "true"])),
+    "history_points": _mostly(st.sampled_from(["7", "0", "1000", "1001", "-1", '"7"', "true"])),
+    "history_age": _mostly(st.sampled_from(['"30d"', '"1w"', '"0d"', '"soon"', "30", '"-1d"'])),
+    "history_size": _mostly(st.sampled_from(['"20G"', '"1.5T"', '"0G"', '"big"', "20", '"-1G"'])),
 }
 
 
