@@ -128,6 +128,7 @@ class DeltaStream:
         self.workers = workers or min(4, max(2, os.cpu_count() or 2))
         self.progress: Callable[[int], None] | None = None
         self.counts: Counts | None = None  # of the last read_from, for what it reports
+        self.started: int | None = None  # the stream offset the last read_from started at (0: whole)
         self.unchanged = 0  # data bytes left out as the base's own (while compressing, with a base)
         self._timing: tuple[Way, int, float] | None = None  # the batch on the line, and since when
 
@@ -153,7 +154,7 @@ class DeltaStream:
                             resume.zbytes)
             start = resume.prev_end
             prefix = []
-        self.counts = counts
+        self.counts, self.started = counts, offset
         yield from prefix
         compressing = version >= 2 and self.policy.compresses
         with ThreadPoolExecutor(self.workers, thread_name_prefix="encode") as pool:

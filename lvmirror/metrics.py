@@ -44,6 +44,12 @@ FAMILIES: dict[str, str] = {
         "When the last successful init or sync of the volume finished (Unix time; 0: none recorded).",
     "lvmirror_last_success_duration_seconds": "How long the last successful init or sync took.",
     "lvmirror_last_success_sent_bytes": "Data bytes the last successful init or sync sent (zeros cost none).",
+    "lvmirror_last_success_marked_bytes":
+        "Data bytes the snapshot marked changed for the last successful init or sync (before exact).",
+    "lvmirror_last_success_differed_bytes":
+        "Of those, bytes that differed from the base and were sent as data (after exact).",
+    "lvmirror_last_success_wire_bytes":
+        "What those data bytes took in the stream, after compression.",
     "lvmirror_generation": "The destination's generation after the last successful init or sync.",
     "lvmirror_last_run_timestamp_seconds": "When the last run (init, sync, check, repair) finished.",
     "lvmirror_last_run_duration_seconds": "How long the last run took.",
@@ -130,6 +136,9 @@ def _collect_one(vol: VolumeConfig, dest: Labels, add: Callable[..., None], spac
     if good is not None:
         add("lvmirror_last_success_duration_seconds", name, good.duration, *dest)
         add("lvmirror_last_success_sent_bytes", name, good.bytes_sent, *dest)
+        add("lvmirror_last_success_marked_bytes", name, good.marked_bytes, *dest)
+        add("lvmirror_last_success_differed_bytes", name, good.differed_bytes, *dest)
+        add("lvmirror_last_success_wire_bytes", name, good.wire_bytes, *dest)
         add("lvmirror_generation", name, good.generation, *dest)
         add("lvmirror_last_sync_base_cow_ratio", name,
             None if good.base_cow_percent is None else good.base_cow_percent / 100, *dest)

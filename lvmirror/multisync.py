@@ -288,7 +288,7 @@ def _send_one(run: DestRun, action: str, delta: Delta, consumer: Consumer | None
         mine = dataclasses.replace(delta, target=consumer)
         reply = pipelines.send(run.client, mine, f"{run.name}: {action}", spool_dir=vol.spool,
                                compress=vol.compress, wrap=lambda s: ConsumerStream(s, consumer),
-                               show_progress=not several)
+                               show_progress=not several, outcome=out)
         out.generation = pipelines.applied_generation(reply)
         spool.clear(vol.spool)
         run.holds = snap.snapshot_id

@@ -61,6 +61,10 @@ class Outcome:
     compress_ratio: float | None = None
     # Several destinations: bytes of the new snapshot the run read to send its deltas, each shared one once.
     source_bytes_read: int | None = None
+    # What a sent delta saved (None: not known, e.g. the stream was resumed or never sent):
+    marked_bytes: int | None = None  # data bytes the snapshot's metadata marked changed (before exact)
+    differed_bytes: int | None = None  # of those, what differed from the base and was sent as data
+    wire_bytes: int | None = None  # what those data bytes took in the stream, after compression
 
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"
@@ -154,13 +158,15 @@ def check_destination_not_on_source(vol: VolumeConfig, source: lvm.LogicalVolume
 
 def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = False,
          spool_dir: str | None = None, compress: str = "off",
-         wrap: Callable[[DeltaStream], StreamSource] | None = None, show_progress: bool = True) -> dict:
+         wrap: Callable[[DeltaStream], StreamSource] | None = None, show_progress: bool = True,
+         outcome: Outcome | None = None) -> dict:
     """Stream the delta to the receiver (resuming what it holds), then have it apply.
 
     ``spool_dir``: where the delta's ranges are kept while it is in flight (see :mod:`lvmirror.spool`);
     ``compress``: the configured mode, as :func:`lvmirror.compression.choose_mode` settles it for this link;
     ``wrap``: what the stream is sent through (:mod:`lvmirror.fanout`: one read for several destinations);
-    ``show_progress``: False when several sends run at once (their lines would overwrite each other).
+    ``show_progress``: False when several sends run at once (their lines would overwrite each other);
+    ``outcome``: where to note what was saved (:func:`note_savings`).
     """
     delta_id = delta.identity.delta_id
     if spool_dir:
@@ -181,7 +187,19 @@ def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = Fals
     reply = client.apply()
     if spool_dir:
         spool.forget(spool_dir, delta_id)
+    if outcome is not None:
+        note_savings(outcome, delta, source)
     return reply
+
+
+def note_savings(out: Outcome, delta: Delta, stream: DeltaStream) -> None:
+    """What the delta's data came to: marked changed, found different (exact, or the encoder's comparison
+    while compressing), and on the wire (compressed).  The last two only for a stream sent whole in this
+    run: a resumed one's counts cover only its tail."""
+    out.marked_bytes = delta.extents.data_bytes + (delta.unchanged_bytes or 0)
+    counts = stream.counts
+    if counts is not None and stream.started == 0:
+        out.differed_bytes, out.wire_bytes = counts.raw_data, counts.wire_data
 
 
 def applied_generation(reply: dict) -> int | None:
@@ -236,7 +254,8 @@ def _send_new(vol: VolumeConfig, client: ReceiverClient, snap: lvm.LogicalVolume
             estimate(vol, client, delta, out)
         if not dry_run:
             out.generation = applied_generation(send(client, delta, f"{vol.name}: {action}",
-                                                     spool_dir=vol.spool, compress=vol.compress))
+                                                     spool_dir=vol.spool, compress=vol.compress,
+                                                     outcome=out))
     except BaseException:
         # Closed first: LVM will not remove a snapshot that is held open.
         if delta is not None:
@@ -420,11 +439,11 @@ def check_against(client: ReceiverClient, name: str, path: str, size: int, *, re
     # so the receiver's base check, staging and state apply to it as to any other.
     volume = str(greeting.recorded.get("volume") or pairs.IMAGE_VOLUME)
     delta = deltas.delta_over(greeting, mismatched, volume, held, path, size, block_size)
+    out = _outcome(name, "repair", delta, False)
     try:
-        reply = send(client, delta, f"{name}: repair", compress=compress)
+        reply = send(client, delta, f"{name}: repair", compress=compress, outcome=out)
     finally:
         delta.close()
-    out = _outcome(name, "repair", delta, False)
     out.generation = applied_generation(reply)
     return result, out
 

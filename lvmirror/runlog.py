@@ -42,7 +42,8 @@ MAX_FILE = 64 * 1024  # a record is well under 2 KiB
 MAX_TEXT = 600  # an error message is one line; longer ones are cut
 MAX_EPOCH = 1 << 40  # past the year 30000: a damaged number, not a time
 JSON_ORDER = ("command", "action", "started", "finished", "duration", "exit_code", "ok", "error",
-              "bytes_sent", "generation", "snapshot", "base_cow_percent", "read_bytes")
+              "bytes_sent", "generation", "snapshot", "base_cow_percent", "read_bytes", "marked_bytes",
+              "differed_bytes", "wire_bytes")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class Run:
     # A volume with several destinations: bytes of the new snapshot the run read for all of them (None: not
     # counted, or an older record).
     read_bytes: int | None = None
+    # What the delta's data came to (None: not known; a check, a failure, a resumed stream, an older record):
+    marked_bytes: int | None = None  # marked changed by the snapshot's metadata (COW table, thin_delta)
+    differed_bytes: int | None = None  # of those, found different from the base and sent as data
+    wire_bytes: int | None = None  # what those took in the stream after compression
 
     @property
     def ok(self) -> bool:
@@ -162,7 +167,10 @@ def _run(doc: Any, key: str) -> Run | None:
         snapshot=_text(doc, key, "snapshot"),
         base_cow_percent=(None if doc.get("base_cow_percent") is None
                           else _number(doc, key, "base_cow_percent", 100.0)),
-        read_bytes=None if doc.get("read_bytes") is None else _int(doc, key, "read_bytes", 1 << 62),
+        read_bytes=_optional_int(doc, key, "read_bytes"),
+        marked_bytes=_optional_int(doc, key, "marked_bytes"),
+        differed_bytes=_optional_int(doc, key, "differed_bytes"),
+        wire_bytes=_optional_int(doc, key, "wire_bytes"),
     )
     if doc.get("ok") is not run.ok:
         raise ValueError(f"{key}.ok disagrees with its exit code {run.exit_code}")
@@ -182,6 +190,10 @@ def _int(doc: dict[str, Any], key: str, field: str, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
         raise ValueError(f"{key}.{field} is {_shown(value)}, not a whole number from 0 to {hi}")
     return value
+
+
+def _optional_int(doc: dict[str, Any], key: str, field: str) -> int | None:
+    return None if doc.get(field) is None else _int(doc, key, field, 1 << 62)
 
 
 def _text(doc: dict[str, Any], key: str, field: str) -> str:
@@ -228,7 +240,8 @@ class Recording:
         """What a pipeline did: its action, bytes, the generation and snapshot the destination now holds."""
         self.run = replace(self.run, action=out.action, bytes_sent=out.data_bytes, generation=out.generation,
                            snapshot=out.target, base_cow_percent=out.base_cow_percent,
-                           read_bytes=out.source_bytes_read)
+                           read_bytes=out.source_bytes_read, marked_bytes=out.marked_bytes,
+                           differed_bytes=out.differed_bytes, wire_bytes=out.wire_bytes)
 
     def holding(self, snapshot: str) -> None:
         """What the destination holds after a run that failed (so what a later run must not remove)."""

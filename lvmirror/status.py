@@ -171,11 +171,23 @@ def run_lines(st: VolumeStatus) -> list[str]:
         gen = "" if good.generation is None else f", generation {good.generation}"
         lines.append(f"  last success:  {good.action or good.command} at {when(good.finished)}, took "
                      f"{format_duration(good.duration)}, sent {human(good.bytes_sent)}{gen}")
+        saved = savings(good)
+        if saved:
+            lines.append(f"  its data:      {saved}")
     bad = st.runs.last_failure
     if bad is not None and bad != st.runs.last_run:  # the last run's own failure is listed as a problem
         lines.append(f"  last failure:  {bad.command} at {when(bad.finished)}, exit code {bad.exit_code}: "
                      f"{bad.error}")
     return lines
+
+
+def savings(run: runlog.Run) -> str:
+    """What a run's delta data came to: marked changed, differed from the base, on the wire ("" unknown)."""
+    parts = [f"{human(n)} {what}" for n, what in ((run.marked_bytes, "marked changed"),
+                                                  (run.differed_bytes, "differed (sent as data)"),
+                                                  (run.wire_bytes, "on the wire"))
+             if n is not None]
+    return ", ".join(parts)
 
 
 def stale_lines(statuses: list[VolumeStatus], now: float, max_age: float) -> list[str]:

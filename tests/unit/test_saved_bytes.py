@@ -1,0 +1,116 @@
+"""What a sync saved, end to end on the host: marked changed, really different, and on the wire.
+
+A real ``lvmirror init`` and ``sync`` run in process over tests/fakelvm.py (the origin an image file,
+snapshots copies of it, a COW-like list of the chunks written) to a local image through the real
+receiver.  The workload rewrites 4 MiB with the bytes already there and changes 16 KiB for real: the
+snapshot marks 4 MiB.  The run record, `status` (text and ``--json``) and the metrics file (read back
+by the exposition-format checker of test_monitoring) must say how much of it differed and how much went
+on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lvmirror import cli
+from tests.fakelvm import VG, FakeLvm, install
+from tests.harness import run_cli, sha, sha_file, text
+from tests.unit.test_monitoring import parse_exposition
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+CHANGED = 16 << 10
+
+
+def setup(tmp: Path, monkeypatch, **keys) -> tuple[FakeLvm, Path, Path]:
+    fake = FakeLvm.create(tmp / "lvm", "data", SIZE)
+    install(fake, monkeypatch.setattr)
+    fake.write(0, text(SIZE, 1))  # compresses about 3:1
+    (tmp / "node").mkdir()
+    dest = tmp / "mirror.img"
+    cfg = tmp / "lvmirror.toml"
+    cfg.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\n'
+                   f'metrics_file = "{tmp}/node/lvmirror.prom"\n'
+                   f'[volume.data]\nvg = "{VG}"\nlv = "data"\nsnapshot_size = "1G"\ndestination = "{dest}"\n'
+                   + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    cfg.chmod(0o600)
+    return fake, cfg, dest
+
+
+def lvmirror(cfg: Path, *args: str, expect: int = 0) -> str:
+    result = run_cli(cli.main, ["-c", str(cfg), *args], timeout=120)
+    assert result.code == expect, result.output
+    return result.output
+
+
+def rewrite_same_bytes_and_change_a_little(fake: FakeLvm) -> None:
+    data = fake.read()
+    fake.write(MiB, data[MiB:5 * MiB])  # marked changed, the same bytes
+    fake.write(2 * MiB, text(CHANGED, 2))  # really changed (inside the rewrite)
+
+
+@pytest.mark.parametrize("keys, differed", [
+    ({"exact": True, "compress": "zlib"}, CHANGED),  # exact = true refines the delta; zlib shrinks it
+    ({"exact": False, "compress": "zlib"}, CHANGED),  # compressing: the encoder compares with the base
+    ({"exact": True, "compress": "off"}, CHANGED),  # nothing compressed: the wire carries what differed
+    ({"exact": False, "compress": "off"}, 4 * MiB),  # neither: everything marked is sent
+])
+def test_marked_differed_and_wire_bytes_are_recorded_shown_and_exported(tmp_path, monkeypatch, keys,
+                                                                         differed):
+    fake, cfg, dest = setup(tmp_path, monkeypatch, **keys)
+    lvmirror(cfg, "init", "data")
+    rewrite_same_bytes_and_change_a_little(fake)
+    lvmirror(cfg, "sync", "data")
+    assert sha_file(dest) == sha(fake.read())
+
+    record = json.loads((tmp_path / "work" / "runs" / "data.json").read_text())["last_success"]
+    assert record["action"] == "sync"
+    assert record["marked_bytes"] == 4 * MiB
+    assert record["differed_bytes"] == differed
+    if keys["compress"] == "zlib":
+        assert 0 < record["wire_bytes"] < 0.6 * differed, record
+    else:
+        assert record["wire_bytes"] == differed
+    # The run's other figures stand: bytes_sent is the delta's ranges (refined by exact = true).
+    assert record["bytes_sent"] == (CHANGED if keys["exact"] else 4 * MiB)
+
+    doc = json.loads(lvmirror(cfg, "status", "--json"))
+    (vol,) = doc["volumes"]
+    assert doc["schema"] == "lvmirror-status/1"
+    for key in ("marked_bytes", "differed_bytes", "wire_bytes"):
+        assert vol["last_success"][key] == vol["last_run"][key] == record[key]
+    shown = lvmirror(cfg, "status")
+    assert "  its data:      4.0 MiB marked changed, " in shown, shown
+
+    fams = parse_exposition((tmp_path / "node" / "lvmirror.prom").read_text())
+    for key in ("marked", "differed", "wire"):
+        fam = fams[f"lvmirror_last_success_{key}_bytes"]
+        assert fam["type"] == "gauge" and fam["help"]
+        assert fam["samples"] == {(("volume", "data"),): float(record[f"{key}_bytes"])}
+
+
+def test_an_init_records_what_it_read_and_sent(tmp_path, monkeypatch):
+    fake, cfg, dest = setup(tmp_path, monkeypatch, compress="zlib")
+    lvmirror(cfg, "init", "data")
+    record = json.loads((tmp_path / "work" / "runs" / "data.json").read_text())["last_run"]
+    # An init has no base: what is marked is every non-zero block, and all of it is sent.
+    assert record["marked_bytes"] == record["differed_bytes"] == record["bytes_sent"] == SIZE
+    assert record["wire_bytes"] < 0.6 * SIZE
+    assert sha_file(dest) == sha(fake.read())
+
+
+def test_an_older_record_without_the_fields_still_reads(tmp_path):
+    from lvmirror import runlog
+    from tests.unit.test_monitoring import run
+    work = str(tmp_path / "work")
+    runlog.record("web", work, run("sync", action="sync", bytes_sent=5))
+    path = tmp_path / "work" / "runs" / "web.json"
+    doc = json.loads(path.read_text())
+    for key in ("marked_bytes", "differed_bytes", "wire_bytes"):
+        del doc["last_run"][key]
+    path.write_text(json.dumps(doc))
+    runs = runlog.read("web", work)
+    assert not runs.problem and runs.last_run.marked_bytes is None and runs.last_run.bytes_sent == 5
