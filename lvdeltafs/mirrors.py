@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +41,7 @@ from lvdeltafs.formats.stream import StreamError
 from lvdeltafs.formats.undofiles import UndoFiles
 from lvdeltafs.fsio import UnsafePath
 from lvdeltafs.replies import VfsError
-from lvmirror.remote.destination import Destination
+from lvmirror.remote.destination import DEFAULT_STATE_DIR, Destination
 from lvmirror.remote.state import Files, unknown_reason
 from lvmirror.remote.wire import RemoteError
 
@@ -400,7 +401,50 @@ class Mirror:
         return c
 
     def close(self) -> None:
+        """At unmount (every open file released first): the chain's files and the folder."""
         with self._lock:
             c, self._chain = self._chain, None
         if c is not None:
             c.retire()
+        self.dest.folder.close()
+
+
+def split_mirror_arg(value: str) -> tuple[str, str]:
+    """``--mirror NAME=PATH`` as (name, absolute path); BadInput for a name that cannot be a directory."""
+    from lvdeltafs.clisupport import printable
+    from lvdeltafs.errors import BadInput
+    name, eq, path = value.partition("=")
+    if not eq or not name or not path:
+        raise BadInput(f"--mirror {printable(value)}: give NAME=PATH (the name to show it under, then the "
+                       "mirror's image file or block device)")
+    if "/" in name or name in (".", "..") or len(name.encode()) > 255:
+        raise BadInput(f"--mirror {printable(value)}: the name must be one directory name (no '/')")
+    return name, os.path.abspath(path)
+
+
+def open_mirrors(args: list[str] | tuple[str, ...], state_dir: str | None) -> dict[str, Mirror]:
+    """name -> Mirror for each ``--mirror NAME=PATH``, checked now: the mount's errors are said here.
+
+    A block device's state lives in ``state_dir``; a missing one is refused, not created (the
+    mount reads, it never makes the receiver's folders).
+    """
+    from lvdeltafs.clisupport import check_input, printable
+    from lvdeltafs.errors import BadInput
+    out: dict[str, Mirror] = {}
+    for value in args:
+        name, path = split_mirror_arg(value)
+        if name in out:
+            raise BadInput(f"--mirror {printable(name)} is given twice")
+        st = check_input(path, f"--mirror {printable(name)}:", (stat.S_IFREG, stat.S_IFBLK),
+                         missing="no such image file or block device")
+        if stat.S_ISBLK(st.st_mode):
+            folder = state_dir or DEFAULT_STATE_DIR
+            if not os.path.isdir(folder):
+                raise BadInput(f"--mirror {printable(name)}: {printable(path)} is a block device and its "
+                               f"state folder {printable(folder)} does not exist (--mirror-state-dir)")
+        try:
+            dest = Destination(path, state_dir)
+        except RemoteError as e:
+            raise BadInput(f"--mirror {printable(name)}: {e}") from None
+        out[name] = Mirror(name, dest)
+    return out

@@ -290,3 +290,13 @@ def test_points_list_but_do_not_read_while_a_sync_is_applied(mirror):
     assert names(fs, "@mirrors/data") == ["2", "5", "7"]
     assert errno_of(fs.open, walk(fs, "@mirrors/data/7/image").ino) == errno.EIO
     fs.close()
+
+
+def test_mount_options_are_checked_before_anything_is_served(mirror, folder):
+    from lvdeltafs.errors import BadInput
+    from lvdeltafs.mirrors import open_mirrors
+    image, _kept = mirror
+    assert list(open_mirrors([f"data={image}"], None)) == ["data"]
+    folder.chmod(0o777)  # others could plant files beside the mirror: refused, as by the receiver
+    with pytest.raises(BadInput, match="can be written by users other than its owner"):
+        open_mirrors([f"data={image}"], None)
