@@ -131,9 +131,11 @@ MOUNTPOINT/VG/LV/snapshots/       one file per snapshot, in creation order
 MOUNTPOINT/VG/LV/S1..S2/          each consecutive pair; any older..newer pair by name
 MOUNTPOINT/VG/LV/SN..@origin/     newest snapshot against the live volume (not point in time)
 MOUNTPOINT/@pairs/BASE..TARGET/   each --pair, named by the basenames
-Each pair directory holds ranges, data, chunks, manifest.json and delta.
+MOUNTPOINT/@mirrors/NAME/G/image  each kept point of a --mirror (G: its generation)
+MOUNTPOINT/@mirrors/NAME/G/undo/  that point's undo delta
+Each pair directory (and undo/) holds ranges, data, chunks, manifest.json and delta.
 
-Volume groups are discovered (all, or each --vg) unless only --pair is given.
+Volume groups are discovered (all, or each --vg) unless only --pair or --mirror is given.
 Returns once the mount is ready and serves in the background; -f stays in the
 foreground.  Unmount with `lvdeltafs umount MOUNTPOINT`.
 """
@@ -147,6 +149,11 @@ foreground.  Unmount with `lvdeltafs umount MOUNTPOINT`.
               help="Also show this pair under @pairs/ (repeatable). " + PAIR_HELP)
 @click.option("--source", type=SOURCE_CHOICE, default="auto", show_default=True,
               help="How to read --pair file arguments: a COW store, or a block compare.")
+@click.option("--mirror", "mirrors", type=NAME, multiple=True, metavar="NAME=PATH",
+              help="Also show the kept points of this lvmirror mirror (an image file or block device) "
+                   "under @mirrors/NAME/ (repeatable).")
+@click.option("--mirror-state-dir", type=NAME, metavar="DIR",
+              help="Where the state of --mirror block devices is (default: /var/lib/lvmirror/receiver).")
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted.")
 @click.option("--allow-other", is_flag=True,
               help="Let other users in (needs user_allow_other in /etc/fuse.conf unless root). "
@@ -165,15 +172,21 @@ foreground.  Unmount with `lvdeltafs umount MOUNTPOINT`.
 @click.option("--ready-fd", type=click.IntRange(0, (1 << 31) - 1), hidden=True)
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: str, vgs: tuple[str, ...], pairs: tuple[tuple[str, str], ...],
-          source: str, foreground: bool, allow_other: bool, cache_size: int, threads: int,
-          read_ahead_kb: int, log_file: str | None, debug_fuse: bool, ready_fd: int | None) -> None:
+          source: str, mirrors: tuple[str, ...], mirror_state_dir: str | None, foreground: bool,
+          allow_other: bool, cache_size: int, threads: int, read_ahead_kb: int, log_file: str | None,
+          debug_fuse: bool, ready_fd: int | None) -> None:
     from lvdeltafs import fuse, lvm, vfs
     from lvdeltafs.discovery import Discovery
+    from lvdeltafs.mirrors import open_mirrors, split_mirror_arg
     from lvdeltafs.tree import explicit_pairs
     mountpoint = os.path.abspath(mountpoint)
     # Everything is checked here, in the foreground: the background process has no terminal
     # to say what is wrong, and runs in /, so every path is made absolute.
     pairs = tuple(check_pair(base, target, source, "--pair ") for base, target in pairs)
+    if mirror_state_dir:
+        mirror_state_dir = os.path.abspath(mirror_state_dir)
+    mirrors = tuple(f"{n}={p}" for n, p in map(split_mirror_arg, mirrors))
+    shown = open_mirrors(mirrors, mirror_state_dir)
     if log_file:
         check_output_file(log_file, "--log-file")
         log_file = os.path.abspath(log_file)
@@ -183,15 +196,19 @@ def mount(ctx: click.Context, mountpoint: str, vgs: tuple[str, ...], pairs: tupl
         _check_ready_fd(ready_fd)
     fuse.check_mountpoint(mountpoint)
     if not foreground and ready_fd is None:
+        for m in shown.values():
+            m.close()
         pid = fuse.start_background(_mount_argv(ctx, mountpoint, vgs, pairs, source, allow_other,
                                                 cache_size, threads, log_file)
-                                    + ["--read-ahead-kb", str(read_ahead_kb)])
+                                    + ["--read-ahead-kb", str(read_ahead_kb)]
+                                    + [a for m in mirrors for a in ("--mirror", m)]
+                                    + (["--mirror-state-dir", mirror_state_dir] if mirror_state_dir else []))
         click.echo(f"lvdeltafs: mounted {printable(mountpoint)} (process {pid}); "
                    f"unmount with: lvdeltafs umount {printable(mountpoint)}", err=True)
         return
-    discovery = Discovery(vgs) if vgs or not pairs else None
+    discovery = Discovery(vgs) if vgs or not (pairs or mirrors) else None
     fs = vfs.Vfs(discovery=discovery, cache_size=cache_size, allow_other=allow_other,
-                 pairs=explicit_pairs(pairs, None if source == "auto" else source))
+                 pairs=explicit_pairs(pairs, None if source == "auto" else source), mirrors=shown)
     on_ready = (lambda: fuse.detach(ready_fd, log_file)) if ready_fd is not None else None
     fuse.serve(fs, mountpoint, allow_other=allow_other, debug=debug_fuse, read_threads=threads,
                read_ahead_kb=read_ahead_kb, on_ready=on_ready)

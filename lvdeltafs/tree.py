@@ -14,8 +14,9 @@ The tree::
            even though only consecutive pairs are listed)
       @pairs/                  explicit pairs given with --pair, by name BASE..TARGET
         base.img..target.img/  (basenames; a repeated name gets -2, -3, ...)
+      @mirrors/NAME/G/         each kept point of a --mirror: image, undo/ (lvdeltafs.mirrortree)
 
-``@`` cannot start an LVM name, so ``@pairs`` and ``@origin`` never collide
+``@`` cannot start an LVM name, so ``@pairs``, ``@mirrors`` and ``@origin`` never collide
 with a volume group or a snapshot.  Every pair directory holds the five delta
 files (:data:`lvdeltafs.formats.files.NAMES`), served by the same
 :class:`~lvdeltafs.formats.files.DeltaFiles` views as ``lvdeltafs export``.
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # only for annotations: vfs imports this module
 log = logging.getLogger(__name__)
 
 PAIRS_DIR = "@pairs"
+MIRRORS_DIR = "@mirrors"  # lvdeltafs.mirrortree
 ORIGIN = "@origin"
 SNAPSHOTS_DIR = "snapshots"
 XATTR_PREFIX = "user.lvdeltafs."
@@ -110,11 +112,14 @@ class Root(Dir):
             except LvError as e:
                 # Explicit pairs must stay reachable when LVM cannot be listed.
                 log.warning("cannot list LVM volumes: %s", e)
-        return names + ([PAIRS_DIR] if fs.explicit else [])
+        return names + ([PAIRS_DIR] if fs.explicit else []) + ([MIRRORS_DIR] if fs.mirrors else [])
 
     def child(self, fs: Vfs, name: str) -> Node | None:
         if name == PAIRS_DIR:
             return PairsDir() if fs.explicit else None
+        if name == MIRRORS_DIR:
+            from lvdeltafs.mirrortree import MirrorsDir  # it builds on this module's nodes
+            return MirrorsDir() if fs.mirrors else None
         if fs.discovery is None or (fs.discovery.vgs and name not in fs.discovery.vgs):
             return None
         return VgDir(name) if name in fs.discovery.vg_names() else None

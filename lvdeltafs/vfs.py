@@ -14,6 +14,8 @@ The parts, one job each:
 - :mod:`lvdeltafs.deltacache`: deltas opened lazily and cached, targets held
   open only while in use;
 - :mod:`lvdeltafs.freshness`: ``--pair`` images that change in place;
+- :mod:`lvdeltafs.mirrors` and :mod:`lvdeltafs.mirrortree`: the kept points of
+  ``--mirror`` mirrors, composed from the mirror and its undo deltas;
 - :mod:`lvdeltafs.access`: who may read what (owners and modes);
 - :mod:`lvdeltafs.replies`: what the calls answer (attributes, errors).
 
@@ -29,6 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from lvdeltafs.access import Access, shared_access
 from lvdeltafs.delta import Delta
@@ -37,6 +40,9 @@ from lvdeltafs.discovery import Discovery
 from lvdeltafs.freshness import Stamp, stamp_of
 from lvdeltafs.replies import Attr, VfsError
 from lvdeltafs.tree import Dir, Handle, Node, Root
+
+if TYPE_CHECKING:  # lvdeltafs.mirrors reads lvmirror's state files: imported only by mounts that use it
+    from lvdeltafs.mirrors import Mirror
 
 ROOT_INO = 1
 
@@ -52,13 +58,16 @@ class Vfs:
     def __init__(self, *, discovery: Discovery | None = None,
                  pairs: dict[str, PairSpec] | None = None, cache_size: int = DEFAULT_CACHE,
                  uid: int | None = None, gid: int | None = None, allow_other: bool = False,
-                 lvm_opener: Callable[[str, str], Delta] | None = None):
+                 lvm_opener: Callable[[str, str], Delta] | None = None,
+                 mirrors: dict[str, Mirror] | None = None):
         self.discovery = discovery
         # pairs.lvm_delta, not open_delta: "vg/lv" must never be taken for a relative path.
         self.lvm_opener = lvm_opener or _lvm_delta
         # Explicit vg/lv pairs are checked by UUID too, even when the tree shows no LVM.
         self.lvm_facts = discovery or Discovery()
         self.explicit = dict(pairs or {})
+        # --mirror NAME=PATH: the kept points of lvmirror mirrors, under @mirrors (lvdeltafs.mirrortree).
+        self.mirrors = dict(mirrors or {})
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         # Private by default: the mounting user alone.  --allow-other is for sharing, so each
@@ -227,3 +236,5 @@ class Vfs:
         for fh in list(self._handles):
             self.release(fh)
         self.cache.close()
+        for m in self.mirrors.values():
+            m.close()

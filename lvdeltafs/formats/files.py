@@ -166,9 +166,15 @@ class StreamView:
 class ManifestView:
     """`manifest.json`: fixed-width JSON, so its size is known before the digest is."""
 
-    def __init__(self, delta: Delta, chunks: ChunksView, ranges: RangesView, stream: StreamView):
+    def __init__(self, delta: Delta, chunks: ChunksView, ranges: RangesView, stream: StreamView | None,
+                 *, doc: dict[str, Any] | None = None):
+        # ``doc``: a manifest (without its digest) made elsewhere, for a delta whose stream is a file
+        # as it is (an undo delta, lvdeltafs.formats.undofiles), not one StreamLayout generates.
         self.delta, self.chunks = delta, chunks
-        self._doc = manifest_document(delta, ranges.size, stream.layout)
+        if doc is None:
+            assert stream is not None
+            doc = manifest_document(delta, ranges.size, stream.layout)
+        self._doc = doc
         self._sha: str | None = None
         self._text: bytes | None = None
         self.size = len(self._render("0" * 64))

@@ -144,6 +144,13 @@ def test_a_fifo_is_refused_before_it_is_opened(odd, args):
     (("mount", "-f", "--pair", "{base}", "{target}", "{base}"), ["not a directory"]),
     (("mount", "-f", "--log-file", "{dir}", "--pair", "{base}", "{target}", "{dir}"), ["a directory"]),
     (("mount", "-f", "--log-file", "{missing}", "--pair", "{base}", "{target}", "{dir}"), ["create it"]),
+    (("mount", "-f", "--mirror", "{base}", "{dir}"), ["give NAME=PATH"]),
+    (("mount", "-f", "--mirror", "a/b={base}", "{dir}"), ["one directory name"]),
+    (("mount", "-f", "--mirror", "..={base}", "{dir}"), ["one directory name"]),
+    (("mount", "-f", "--mirror", "m={missing}", "{dir}"), ["no such image file or block device"]),
+    (("mount", "-f", "--mirror", "m={fifo}", "{dir}"), ["FIFO"]),
+    (("mount", "-f", "--mirror", "m={dir}", "{dir}"), ["a directory"]),
+    (("mount", "-f", "--mirror", "m={base}", "--mirror", "m={target}", "{dir}"), ["given twice"]),
 ])
 def test_a_wrong_kind_of_path_is_one_clear_line(odd, args, words):
     one_error_line(run_briefly(*(a.format(**odd) for a in args)), 3, *words)

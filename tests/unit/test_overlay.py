@@ -1,4 +1,4 @@
-"""Composed points (lvdeltafs.formats.overlay) against the obvious model: apply the undo deltas newest first."""
+"""Composed points (lvdeltafs.formats.overlay) against the model: apply the undo deltas newest first."""
 
 from __future__ import annotations
 
