@@ -84,10 +84,8 @@ class BadHistory(Exception):
 
 
 def undo_name(dest: Destination, generation: int) -> str:
-    """The file name docs/history.md gives the undo delta of point ``generation``."""
-    if dest.is_block:
-        return f"{dest.state_name.removesuffix('.json')}.undo-{generation}"
-    return f"{dest.name}.lvmirror-undo-{generation}"
+    """The file name docs/history.md gives the undo delta of point ``generation`` (the receiver's rule)."""
+    return f"{dest.undo_prefix}{generation}"
 
 
 def _is_int(v: Any) -> bool:

@@ -97,7 +97,7 @@ def _entry_problem(files: Files, entry: Any, last: int) -> str:
 
 
 def undo_name(files: Files, generation: int) -> str:
-    return f"{files.dest.undo_prefix}{generation}"
+    return f"{files.dest.undo_prefix}{generation}"  # lvdeltafs.mirrors reads by the same prefix
 
 
 def part_name(files: Files) -> str:

@@ -15,7 +15,7 @@ from lvdeltafs.errors import LvError
 from lvdeltafs.formats.overlay import Composed, index_undo, overlay
 from lvmirror.remote.history import Keep
 from lvmirror.transports import LocalTransport
-from tests.harness import MiB, BytesSource, delta, image, sha, sha_file, staging_files
+from tests.harness import BytesSource, MiB, delta, image, sha, sha_file, staging_files
 
 KEEP3 = Keep(3)
 
