@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 from lvdeltafs.fsio import ShortRead, read_exactly
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_LINE = 1 << 20  # one request or reply line
 MAX_FRAME = 8 << 20  # one bulk frame
 FRAME = struct.Struct("<I")
