@@ -484,8 +484,9 @@ def _ssh_options(key: str | None, known_hosts: str | None, transport: str = "par
     return SshOptions(key, known_hosts, transport)
 
 
-from lvmirror.cli_points import history, rewind  # noqa: E402 - they use the helpers above
+from lvmirror.cli_points import history, restore, rewind  # noqa: E402 - they use the helpers above
 
 cli.add_command(history)
 cli.add_command(rewind)
+cli.add_command(restore)
 main = run_group(cli, "lvmirror")

@@ -69,3 +69,27 @@ def rewind(ctx: click.Context, volume: str, point: str, dest: str | None) -> Non
     found, _state = _locked(ctx, volume, lambda vol: points.rewind(view, point))
     log.info("%s: the mirror now holds point %d (%s, synced %s); the next sync resyncs by comparing",
              volume, found.generation, found.snapshot, found.synced)
+
+
+@click.command()
+@click.argument("volume", type=NAME, shell_complete=volume_names)
+@click.option("--to", "to", type=NAME, required=True, metavar="VG/LV",
+              help="The logical volume to write: the volume itself, or a new LV of the point's size.")
+@click.option("--point", type=NAME, metavar="POINT",
+              help="A kept point (generation or snapshot name); default: what the mirror holds now.")
+@click.option("--dest", type=NAME, metavar="DEST", help=DEST_HELP)
+@click.option("-n", "--dry-run", is_flag=True, help="Say how much would be read from the mirror; write "
+              "nothing.")
+@click.pass_context
+def restore(ctx: click.Context, volume: str, to: str, point: str | None, dest: str | None,
+            dry_run: bool) -> None:
+    """Write VOLUME's mirror (or one of its kept points) back onto a logical volume.
+
+    Only what can differ is read from the mirror and only the blocks that
+    differ are written.  The LV must not be open or mounted.  A restore that
+    is interrupted is run again.
+    """
+    from lvmirror.restore import restore as run_restore
+    view = _one_view(ctx, volume, dest)
+    done = _locked(ctx, volume, lambda vol: run_restore(view, point, to, dry_run=dry_run))
+    click.echo(done.summary())

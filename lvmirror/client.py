@@ -392,13 +392,15 @@ class ReceiverClient:
         """Set aside what is staged and what the state claims (the way out of a stuck mirror)."""
         self.request("discard")
 
-    def digests(self, block_size: int, max_blocks: int) -> tuple[int, bytearray]:
-        """(destination size, 16-byte SHA-256 prefixes of its first blocks, at most ``max_blocks``).
+    def digests(self, block_size: int, max_blocks: int, point: int | None = None) -> tuple[int, bytearray]:
+        """(destination size, 16-byte SHA-256 prefixes of its first blocks, at most ``max_blocks``);
+        of its kept point ``point`` if given.
 
         The far side's answer is bounded by what was asked: memory is at most
         ``max_blocks`` digests, whatever it sends.
         """
-        head = self.request("digests", block_size=block_size, start=0, count=max_blocks)
+        args = {"point": point} if point is not None else {}
+        head = self.request("digests", block_size=block_size, start=0, count=max_blocks, **args)
         what = f"the {self.where}'s digests"
         try:
             n = wire.int_field(head, "count", hi=max_blocks, what=what)
@@ -407,19 +409,25 @@ class ReceiverClient:
             raise ConnectionProblem(str(e)) from None
         if n != min(max_blocks, -(-size // block_size)):
             raise ConnectionProblem(f"the {self.where} announced {n} digests for {size} bytes")
-        out = bytearray(n * DIGEST_SIZE)
+        out = self.read_frames(n * DIGEST_SIZE, "the digests")
+        return size, out
+
+    def read_frames(self, expected: int, what: str) -> bytearray:
+        """The frames after a reply, up to the end frame: exactly ``expected`` bytes, never more held."""
+        out = bytearray(expected)
         got = 0
         try:
             while frame := self.chan.read_frame():
-                if got + len(frame) > len(out):
-                    raise ConnectionProblem(f"the {self.where} sent more digests than the {n} it announced")
+                if got + len(frame) > expected:
+                    raise ConnectionProblem(f"the {self.where} sent more than the {expected} bytes of {what} "
+                                            "it announced")
                 out[got:got + len(frame)] = frame
                 got += len(frame)
         except wire.ConnectionLost as e:
-            raise self._lost(f"in the middle of the digests ({e})") from None
-        if got != len(out):
-            raise ConnectionProblem(f"the {self.where} sent {got} digest bytes for {n} blocks")
-        return size, out
+            raise self._lost(f"in the middle of {what} ({e})") from None
+        if got != expected:
+            raise ConnectionProblem(f"the {self.where} sent {got} bytes of {what}, not {expected}")
+        return out
 
     def close(self) -> None:
         """Say goodbye and end the transport (idempotent)."""

@@ -66,15 +66,16 @@ def thin_mapped(snap: lvm.LogicalVolume, size: int) -> Extents:
         return thin.thin_mapped_extents(devices.tmeta, snap.thin_id, size, metadata_snap=True)
 
 
-def destination_digests(client: ReceiverClient, target_size: int,
-                        block_size: int = BLOCK_SIZE) -> tuple[int, int, np.ndarray]:
-    """(destination size, bytes the digests cover, digests), computed by the receiver where it lives.
+def destination_digests(client: ReceiverClient, target_size: int, block_size: int = BLOCK_SIZE,
+                        point: int | None = None) -> tuple[int, int, np.ndarray]:
+    """(destination size, bytes the digests cover, digests), computed by the receiver where it lives
+    (of its kept point ``point``, if given).
 
     Only the blocks under the target's size are asked for: what lies past it
     is cut off anyway, and it bounds what a far side can make us hold.
     """
     max_blocks = -(-target_size // block_size)
-    size, raw = client.digests(block_size, max_blocks)
+    size, raw = client.digests(block_size, max_blocks, point)
     covered = min(size, max_blocks * block_size)
     return size, covered, compare.digests_from_bytes(bytes(raw), block_size, covered)
 
@@ -103,9 +104,11 @@ def delta_over(hello: Hello, extents: Extents, volume: str, target_id: str, path
     return Delta(ident, extents, FileReader(path, size))
 
 
-def compare_extents(client: ReceiverClient, path: str, size: int, block_size: int = BLOCK_SIZE) -> Extents:
-    """What differs between the destination and the image or device at ``path``."""
-    _, covered, dest = destination_digests(client, size, block_size)
+def compare_extents(client: ReceiverClient, path: str, size: int, block_size: int = BLOCK_SIZE,
+                    point: int | None = None) -> Extents:
+    """What differs between the destination (or its kept point ``point``) and the image or device at
+    ``path``."""
+    _, covered, dest = destination_digests(client, size, block_size, point)
     src = source_digests(path, size, block_size)
     return compare.diff_digests(dest, src, block_size, covered, size)
 

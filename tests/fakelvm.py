@@ -107,9 +107,29 @@ class FakeLvm:
 
     def _lvs(self, doc: dict) -> list[lvm.LogicalVolume]:
         size = os.path.getsize(self.origin_path)
-        origin = _lv(doc["uuid"], doc["lv"], "owi-a-----", "", size, str(self.origin_path), (), None)
-        return [origin] + [_lv(s["uuid"], s["name"], "swi-a-s---", doc["lv"], size, s["path"],
-                               tuple(s["tags"]), s["creation"]) for s in doc["snaps"]]
+        opened = set(doc.get("open", ()))
+        attr = "owi-a" + ("o" if doc["lv"] in opened else "-") + "----"
+        origin = _lv(doc["uuid"], doc["lv"], attr, "", size, str(self.origin_path), (), None)
+        plain = [_lv(x["uuid"], x["name"], "-wi-a" + ("o" if x["name"] in opened else "-") + "----", "",
+                     os.path.getsize(x["path"]), x["path"], (), None) for x in doc.get("plain", ())]
+        return [origin] + plain + [_lv(s["uuid"], s["name"], "swi-a-s---", doc["lv"], size, s["path"],
+                                       tuple(s["tags"]), s["creation"]) for s in doc["snaps"]]
+
+    def add_lv(self, name: str, size: int) -> Path:
+        """A plain LV (not the origin, not a snapshot): an image file of ``size`` zero bytes."""
+        path = self.root / f"{name}.img"
+        with open(path, "wb") as f:
+            f.truncate(size)
+        with self._state(write=True) as doc:
+            doc.setdefault("plain", []).append({"uuid": f"LV-{uuid.uuid4().hex[:12]}", "name": name,
+                                                "path": str(path)})
+        return path
+
+    def set_open(self, name: str, is_open: bool = True) -> None:
+        """What ``lvs`` shows as the LV's open flag (a mounted filesystem, a VM using it)."""
+        with self._state(write=True) as doc:
+            doc["open"] = sorted((set(doc.get("open", ())) | {name}) if is_open
+                                 else set(doc.get("open", ())) - {name})
 
     def list_lvs(self, vg: str | None = None, *, hidden: bool = False) -> list[lvm.LogicalVolume]:
         if vg not in (None, VG):
@@ -142,9 +162,11 @@ class FakeLvm:
     # ---- lvdeltafs.pairs.lvm_delta
 
     def lvm_delta(self, base_name: str, target_name: str) -> Delta:
-        """Every chunk written between the two snapshots, as a COW table lists it."""
+        """Every chunk written between the two snapshots (or since the base, for the live origin), as a COW
+        table lists it."""
         with self._state() as doc:
             snaps = {f"{VG}/{s['name']}": s for s in doc["snaps"]}
+            snaps[f"{VG}/{doc['lv']}"] = {"seq": doc["seq"], "path": str(self.origin_path)}
             base, target = snaps[base_name], snaps[target_name]
             size = os.path.getsize(self.origin_path)
             marked = np.zeros(-(-size // CHUNK), bool)
@@ -155,8 +177,8 @@ class FakeLvm:
         starts = np.flatnonzero(marked) * CHUNK
         extents = Extents.from_ranges(starts, np.full(starts.size, CHUNK), DATA, size)
         lvs = {lv.vg_lv: lv for lv in self.list_lvs()}
-        ident = Identity(origin_uuid, lvs[base_name].snapshot_id, lvs[target_name].snapshot_id, size, size,
-                         CHUNK, "cow")
+        target_id = lvs[target_name].snapshot_id if lvs[target_name].is_snapshot else f"{origin_uuid}@origin"
+        ident = Identity(origin_uuid, lvs[base_name].snapshot_id, target_id, size, size, CHUNK, "cow")
         return Delta(ident, extents, FileReader(target["path"], size))
 
     def snapshot_paths(self) -> dict[str, str]:

@@ -21,6 +21,7 @@ SHIPPED = (
     "lvmirror.remote.staging",      # verified, durable, resumable staging of a delta
     "lvmirror.remote.history",      # undo deltas, points, retention, rewind
     "lvmirror.remote.apply",        # preflight, writes, replay, commit
+    "lvmirror.remote.serving",      # a destination's bytes, now or at a point, for a restore
     "lvmirror.remote.session",      # one session's engine over one destination
     "lvmirror.remote.server",       # the request loop and main()
 )

@@ -19,7 +19,7 @@ from lvmirror.remote.session import Session
 from lvmirror.remote.staging import FrameReader
 from lvmirror.remote.wire import BusyError, Channel, ConnectionLost, IoError, ProtocolError, RemoteError
 
-OPS = ("hello", "receive", "apply", "rewind", "digests", "discard", "bye")
+OPS = ("hello", "receive", "apply", "rewind", "digests", "ranges", "read", "discard", "bye")
 
 
 class Server:
@@ -74,6 +74,13 @@ class Server:
             self.chan.write_message({"ok": True, **self.session.rewind(req)})
         elif op == "digests":
             self.digests(req)
+        elif op == "ranges":
+            gen = self.session.changed_ranges(req)
+            size, count = next(gen)
+            self.frames({"ok": True, "size": size, "count": count}, gen)
+        elif op == "read":
+            gen = self.session.read(req)
+            self.frames({"ok": True, "bytes": next(gen)}, gen)
         elif op == "discard":
             self.chan.write_message({"ok": True, **self.session.discard()})
 
@@ -96,8 +103,13 @@ class Server:
         assert self.session is not None
         gen = self.session.digests(req)
         size, n = next(gen)
-        self.chan.write_message({"ok": True, "count": n, "size": size, "digest": "sha256/16"})
-        for chunk in gen:
+        self.frames({"ok": True, "count": n, "size": size, "digest": "sha256/16"}, gen)
+
+    def frames(self, head: dict[str, Any], chunks: Any) -> None:
+        """A reply, then its frames, then the end frame.  Everything that can fail is checked before the
+        reply (the generators do their checks before their first yield)."""
+        self.chan.write_message(head)
+        for chunk in chunks:
             self.chan.write_frame(chunk)
         self.chan.write_frame(b"")
         self.chan.flush()

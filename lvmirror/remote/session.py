@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from lvdeltafs.formats import codecs
-from lvdeltafs.fsio import pread_into
 from lvmirror.remote import apply as applying
-from lvmirror.remote import history
+from lvmirror.remote import history, serving
 from lvmirror.remote.destination import Destination
 from lvmirror.remote.staging import ForeignStream, FrameReader, Stager, receive
 from lvmirror.remote.state import WAY_OUT, Files, describe, unknown_reason
@@ -271,37 +270,57 @@ class Session:
     # -- digests
 
     def digests(self, req: dict[str, Any]) -> Iterator[Any]:
-        """Yield (size, n), then the digests in chunks: SHA-256[:16] of each block."""
+        """Yield (size, n), then the digests in chunks: SHA-256[:16] of each block (of a kept point, with
+        ``point``)."""
         block_size = int_field(req, "block_size", lo=MIN_BLOCK, hi=MAX_BLOCK)
         start = int_field(req, "start", default=0)
         count = None if req.get("count") is None else int_field(req, "count")
         if start % block_size:
             raise ProtocolError(f"digest start {start} is not a multiple of the block size {block_size}")
-        size = self.dest.size()
-        end = size if count is None else min(size, start + count * block_size)
-        n = max(0, -(-(end - start) // block_size))
-        yield size, n
-        if not n:
-            return
-        fd = self.dest.open_read()
-        try:
-            buf = memoryview(bytearray(block_size))
+        with self.point_source(req) as src:
+            end = src.size if count is None else min(src.size, start + count * block_size)
+            n = max(0, -(-(end - start) // block_size))
+            yield src.size, n
             out = bytearray()
             for off in range(start, end, block_size):
-                view = buf[:min(block_size, end - off)]
-                try:
-                    pread_into(fd, view, off)
-                except EOFError:
-                    raise StateError(f"{self.dest.path} ended early near byte {off} while reading it") \
-                        from None
-                out += hashlib.sha256(view).digest()[:DIGEST_SIZE]
+                want = min(block_size, end - off)
+                data = src.read(off, want)
+                if len(data) != want:
+                    raise StateError(f"{self.dest.path} ended early near byte {off} while reading it")
+                out += hashlib.sha256(data).digest()[:DIGEST_SIZE]
                 if len(out) >= 1 << 16:
                     yield bytes(out)
                     out.clear()
             if out:
                 yield bytes(out)
-        finally:
-            os.close(fd)
+
+    # -- serving a point (restore)
+
+    def point_source(self, req: dict[str, Any]) -> serving.PointSource:
+        """The destination's content, or that of the kept point ``req["point"]``."""
+        generation = serving.point_of(req)
+        state = None
+        if generation is not None:
+            if self.problem:
+                raise RefusedError(self.problem)
+            state, unknown = self.known_state()
+            if not state:
+                why = unknown or "no state"
+                raise RefusedError(f"{self.dest.path} holds nothing lvmirror knows of ({why}), so its points "
+                                   "cannot be read")
+        return serving.PointSource(self.files, state, generation)
+
+    def changed_ranges(self, req: dict[str, Any]) -> Iterator[Any]:
+        with self.point_source(req) as src:
+            gen = serving.changed_frames(src)
+            yield src.size, next(gen)
+            yield from gen
+
+    def read(self, req: dict[str, Any]) -> Iterator[Any]:
+        with self.point_source(req) as src:
+            ranges = serving.read_ranges(req, src.size)
+            yield sum(n for _, n in ranges)
+            yield from serving.read_frames(src, ranges)
 
 
 def _staged_text(staged: dict[str, Any] | None) -> str:
