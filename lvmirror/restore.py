@@ -32,7 +32,7 @@ from lvmirror.deltas import compare_extents
 from lvmirror.pipelines import hello, volume_receiver
 from lvmirror.points import find_point, parse_points
 from lvmirror.progress import Progress, human
-from lvmirror.remote import wire
+from lvmirror.remote import faults, wire
 
 log = logging.getLogger(__name__)
 BLOCK = 4096
@@ -202,6 +202,7 @@ def _copy(client: ReceiverClient, gen: int | None, ranges: list[tuple[int, int]]
             for off, n in batch:
                 written += _write_differing(fd, off, data[pos:pos + n])
                 pos += n
+                faults.tick("restore")
             bar.update(total)
     return written
 

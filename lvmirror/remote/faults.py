@@ -2,6 +2,7 @@
 
 Phases: ``receive`` (a record staged), ``sync`` (staging progress saved),
 ``undo`` (a block of an undo delta written), ``rewind`` (a rewind's delta staged),
+``restore`` (a range written by ``lvmirror restore``: this one kills lvmirror itself),
 ``apply`` (a destination write), ``applied`` (after the destination's fsync,
 before the new state), ``committed`` (after the new state, before the staging
 files are removed).  Without the variable every tick is a no-op.
