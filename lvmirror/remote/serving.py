@@ -29,8 +29,11 @@ class PointSource:
 
     def __init__(self, files: Files, state: dict[str, Any] | None, generation: int | None):
         self.files, self.fds = files, []
-        self.base_fd = files.dest.open_read()
         self.composed = None
+        if generation is None and not files.dest.exists():
+            self.base_fd, self.size = -1, 0  # an image file not made yet: no bytes (a compare sends all)
+            return
+        self.base_fd = files.dest.open_read()
         try:
             if generation is None:
                 self.size = os.lseek(self.base_fd, 0, os.SEEK_END)
@@ -59,7 +62,7 @@ class PointSource:
         return self.composed.changed() if self.composed is not None else []
 
     def close(self) -> None:
-        for fd in self.fds + [self.base_fd]:
+        for fd in self.fds + ([self.base_fd] if self.base_fd >= 0 else []):
             os.close(fd)
         self.fds, self.base_fd = [], -1
 
