@@ -13,7 +13,8 @@ of git revision REV (its tree extracted with git archive into a temporary direct
 the current code bench by bench, and adds before/after columns: before and after on one machine, in
 one run.  A benchmark whose script needs something REV's code does not have shows why in that column.
 
-bench_sync_lvm.py is left out: it needs the VM (the line at the end of the table says how to run it).
+bench_sync_lvm.py and bench_restore_lvm.py are left out: they need the VM (the lines at the end of the
+table say how to run them).
 
     scripts/bench/all [--only sync,fuse,...] [--baseline REV] [--logs DIR] [--json PATH] [--args NAME=ARGS]
 """
@@ -37,8 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 1200  # seconds: a benchmark past this is stuck, not slow
 
-VM_LINE = ("sync_lvm (a whole `lvmirror sync` on real LVM) is not in this run: it needs the VM. "
-           "Run it with `scripts/lvm-vm --mem 3072 -- .venv/bin/python scripts/bench/bench_sync_lvm.py`.")
+VM_LINE = ("sync_lvm (a whole `lvmirror sync` on real LVM) and restore_lvm (`lvmirror restore` against the "
+           "floor of reading and writing just the differing blocks) are not in this run: they need the VM. "
+           "Run them with `scripts/lvm-vm --mem 3072 -- .venv/bin/python scripts/bench/bench_sync_lvm.py` "
+           "and `... scripts/bench/bench_restore_lvm.py`.")
 
 
 def missing_tools(*tools: str) -> str | None:
