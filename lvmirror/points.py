@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lvdeltafs.errors import BadInput, Refused
+from lvmirror.client import Hello, ReceiverClient
 from lvmirror.config import VolumeConfig
 from lvmirror.pipelines import hello, volume_receiver
 from lvmirror.remote import wire
@@ -99,16 +100,22 @@ def find_point(points: list[Point], wanted: str) -> Point:
     raise BadInput(f"no kept point {wanted!r} (kept generations: {kept}); `lvmirror history` lists them")
 
 
+def known(vol: VolumeConfig, client: ReceiverClient, why: str) -> tuple[Hello, list[Point]]:
+    """The greeting of a destination whose state is trusted, and its points; Refused otherwise."""
+    greeting = hello(client)
+    if greeting.problem:
+        raise Refused(f"{vol.name}: {greeting.problem}")
+    if not greeting.state.get("snapshot"):
+        raise Refused(f"{vol.name}: the destination {vol.destination} holds nothing lvmirror knows of "
+                      f"({greeting.unknown or 'no state'}), so {why}")
+    return greeting, parse_points(greeting.state, client.where)
+
+
 def rewind(vol: VolumeConfig, wanted: str) -> tuple[Point, dict[str, Any]]:
     """Make the volume's destination equal one of its kept points; (the point, the new state)."""
     with volume_receiver(vol) as client:
-        greeting = hello(client)
-        if greeting.problem:
-            raise Refused(f"{vol.name}: {greeting.problem}")
-        if not greeting.state.get("snapshot"):
-            raise Refused(f"{vol.name}: the destination {vol.destination} holds nothing lvmirror knows of "
-                          f"({greeting.unknown or 'no state'}), so it has no points to rewind to")
-        point = find_point(parse_points(greeting.state, client.where), wanted)
+        _greeting, points = known(vol, client, "it has no points to rewind to")
+        point = find_point(points, wanted)
         reply = client.rewind(point.generation)
     state = reply.get("state") if isinstance(reply.get("state"), dict) else {}
     return point, state

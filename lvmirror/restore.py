@@ -29,8 +29,8 @@ from lvmirror import snapshots
 from lvmirror.client import ReceiverClient
 from lvmirror.config import VolumeConfig
 from lvmirror.deltas import compare_extents
-from lvmirror.pipelines import hello, volume_receiver
-from lvmirror.points import find_point, parse_points
+from lvmirror.pipelines import volume_receiver
+from lvmirror.points import find_point, known
 from lvmirror.progress import Progress, human
 from lvmirror.remote import faults, wire
 
@@ -64,15 +64,10 @@ def restore(vol: VolumeConfig, point: str | None, to: str, *, dry_run: bool = Fa
     """Write ``point`` (a generation or snapshot name; None: the present content) onto the LV ``to``."""
     vg, name = _split(to)
     with volume_receiver(vol) as client:
-        greeting = hello(client)
-        if greeting.problem:
-            raise Refused(f"{vol.name}: {greeting.problem}")
-        if not greeting.state.get("snapshot"):
-            raise Refused(f"{vol.name}: the destination {vol.destination} holds nothing lvmirror knows of "
-                          f"({greeting.unknown or 'no state'}): there is nothing to restore from")
+        greeting, points = known(vol, client, "there is nothing to restore from")
         gen, size = None, int(greeting.state.get("size") or 0)
         if point is not None:
-            found = find_point(parse_points(greeting.state, client.where), point)
+            found = find_point(points, point)
             gen, size = found.generation, found.size
         target = _target(vg, name, size)
         out = Restored(vol.name, target.vg_lv, gen, size, "")

@@ -27,15 +27,12 @@ import json
 import os
 import random
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sync_lvm import BIN, CHUNK, sh, sha, timed  # noqa: E402
+from bench_sync_lvm import BIN, CHUNK, bench_vg, sh, sha, timed  # noqa: E402
 
 BLOCK = 4096
 
@@ -87,19 +84,8 @@ def main() -> int:
     if os.environ.get("LVMIRROR_IN_VM") != "1":
         print("bench_restore_lvm: run me inside the VM (see the usage line in my docstring)", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="bench-restore-", dir="/tmp"))
-    pv_file = work / "pv.img"
-    with open(pv_file, "wb") as f:
-        f.truncate((args.size_mib * 2 + 256) << 20)
-    loop = sh("losetup", "-f", "--show", str(pv_file)).strip()
-    sh("pvcreate", "-q", loop)
-    sh("vgcreate", "-q", "bench", loop)
-    try:
+    with bench_vg(args.size_mib * 2 + 256) as work:
         return run(args, work)
-    finally:
-        subprocess.run(["vgremove", "-ff", "-y", "bench"], capture_output=True)
-        subprocess.run(["losetup", "-d", loop], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args, work: Path) -> int:

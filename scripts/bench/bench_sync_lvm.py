@@ -78,15 +78,22 @@ def main() -> int:
     if os.environ.get("LVMIRROR_IN_VM") != "1":
         print("bench_sync_lvm: run me inside the VM (see the usage line in my docstring)", file=sys.stderr)
         return 2
+    with bench_vg(args.size_mib * 2 + 256) as work:
+        return run(args, work)
+
+
+@contextlib.contextmanager
+def bench_vg(size_mib: int):
+    """A work folder and a VG "bench" on a loop device of ``size_mib``, all removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix="bench-lvm-", dir="/tmp"))
     pv_file = work / "pv.img"
     with open(pv_file, "wb") as f:
-        f.truncate((args.size_mib * 2 + 256) << 20)
+        f.truncate(size_mib << 20)
     loop = sh("losetup", "-f", "--show", str(pv_file)).strip()
     sh("pvcreate", "-q", loop)
     sh("vgcreate", "-q", "bench", loop)
     try:
-        return run(args, work)
+        yield work
     finally:
         subprocess.run(["vgremove", "-ff", "-y", "bench"], capture_output=True)
         subprocess.run(["losetup", "-d", loop], capture_output=True)
