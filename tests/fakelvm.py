@@ -202,6 +202,31 @@ def install(fake: FakeLvm, setattr_=setattr) -> None:
     setattr_(pairs, "lvm_delta", fake.lvm_delta)
 
 
+def configured(tmp: Path, monkeypatch, destination: str | Path, *, size: int, defaults: str = "",
+               volume: str = "") -> tuple[FakeLvm, Path]:
+    """An installed FakeLvm (origin ``data`` of ``size`` bytes of text) and a config with the one volume
+    ``data`` to ``destination``; ``defaults`` and ``volume`` are more TOML lines for each table."""
+    from tests.harness import text
+    fake = FakeLvm.create(tmp / "lvm", "data", size)
+    install(fake, monkeypatch.setattr)
+    fake.write(0, text(size, 1))
+    cfg = tmp / "lvmirror.toml"
+    cfg.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\n{defaults}'
+                   f'[volume.data]\nvg = "{VG}"\nlv = "data"\nsnapshot_size = "1G"\n'
+                   f'destination = "{destination}"\n{volume}')
+    cfg.chmod(0o600)
+    return fake, cfg
+
+
+def lvmirror(cfg: Path, *args: str, expect: int = 0, timeout: float = 180) -> str:
+    """``lvmirror -c CFG ARGS`` in this process (over the installed fake); its output (stdout and log)."""
+    from lvmirror import cli
+    from tests.harness import run_cli
+    result = run_cli(cli.main, ["-c", str(cfg), *args], timeout=timeout)
+    assert result.code == expect, result.output
+    return result.output
+
+
 # ---- the subprocess form, with its hooks ---------------------------------------------------------
 
 

@@ -8,34 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from lvmirror import cli
-from tests.fakelvm import VG, FakeLvm, install
-from tests.harness import run_cli, sha, sha_file, text
+from tests.fakelvm import VG, configured, lvmirror
+from tests.harness import sha, sha_file, text
 
 pytestmark = pytest.mark.ssh
 MiB = 1 << 20
 SIZE = 8 * MiB
 
 
-def lvmirror(cfg: Path, *args: str, expect: int = 0) -> str:
-    result = run_cli(cli.main, ["-c", str(cfg), *args], timeout=180)
-    assert result.code == expect, result.output
-    return result.output
-
-
 def test_history_rewind_and_restore_through_the_far_receiver(sshd, tmp_path, monkeypatch):
-    fake = FakeLvm.create(tmp_path / "lvm", "data", SIZE)
-    install(fake, monkeypatch.setattr)
-    fake.write(0, text(SIZE, 1))
     far = tmp_path / "far"
     far.mkdir()
     image = far / "data.img"
-    cfg = tmp_path / "lvmirror.toml"
-    cfg.write_text(f'[defaults]\nlock_dir = "{tmp_path}/lock"\nwork_dir = "{tmp_path}/work"\n'
-                   f'[volume.data]\nvg = "{VG}"\nlv = "data"\nsnapshot_size = "1G"\nhistory_points = 2\n'
-                   f'destination = "ssh://{sshd.user}@{sshd.host}:{sshd.port}{image}"\n'
-                   f'ssh_key = "{sshd.client_key}"\nknown_hosts = "{sshd.known_hosts}"\n')
-    cfg.chmod(0o600)
+    fake, cfg = configured(tmp_path, monkeypatch, f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{image}",
+                           size=SIZE, volume=f'history_points = 2\nssh_key = "{sshd.client_key}"\n'
+                                             f'known_hosts = "{sshd.known_hosts}"\n')
     lvmirror(cfg, "init", "data")
     held = {1: sha(fake.read())}
     for i in range(3):

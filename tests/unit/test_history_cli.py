@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lvmirror import cli
-from tests.fakelvm import VG, FakeLvm, install
-from tests.harness import run_cli, sha, sha_file, text
+from tests.fakelvm import FakeLvm, configured, lvmirror
+from tests.harness import sha, sha_file, text
 from tests.unit.test_history import composed
 
 MiB = 1 << 20
@@ -18,22 +17,9 @@ SIZE = 8 * MiB
 
 
 def setup(tmp: Path, monkeypatch, extra: str = "history_points = 3\n") -> tuple[FakeLvm, Path, Path]:
-    fake = FakeLvm.create(tmp / "lvm", "data", SIZE)
-    install(fake, monkeypatch.setattr)
-    fake.write(0, text(SIZE, 1))
     dest = tmp / "mirror.img"
-    cfg = tmp / "lvmirror.toml"
-    cfg.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\n'
-                   f'[volume.data]\nvg = "{VG}"\nlv = "data"\nsnapshot_size = "1G"\ndestination = "{dest}"\n'
-                   + extra)
-    cfg.chmod(0o600)
+    fake, cfg = configured(tmp, monkeypatch, dest, size=SIZE, volume=extra)
     return fake, cfg, dest
-
-
-def lvmirror(cfg: Path, *args: str, expect: int = 0) -> str:
-    result = run_cli(cli.main, ["-c", str(cfg), *args], timeout=120)
-    assert result.code == expect, result.output
-    return result.output
 
 
 def state(dest: Path) -> dict:

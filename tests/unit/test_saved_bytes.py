@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lvmirror import cli
-from tests.fakelvm import VG, FakeLvm, install
-from tests.harness import run_cli, sha, sha_file, text
+from tests.fakelvm import FakeLvm, configured, lvmirror
+from tests.harness import sha, sha_file, text
 from tests.unit.test_monitoring import parse_exposition
 
 MiB = 1 << 20
@@ -26,24 +25,12 @@ CHANGED = 16 << 10
 
 
 def setup(tmp: Path, monkeypatch, **keys) -> tuple[FakeLvm, Path, Path]:
-    fake = FakeLvm.create(tmp / "lvm", "data", SIZE)
-    install(fake, monkeypatch.setattr)
-    fake.write(0, text(SIZE, 1))  # compresses about 3:1
     (tmp / "node").mkdir()
     dest = tmp / "mirror.img"
-    cfg = tmp / "lvmirror.toml"
-    cfg.write_text(f'[defaults]\nlock_dir = "{tmp}/lock"\nwork_dir = "{tmp}/work"\n'
-                   f'metrics_file = "{tmp}/node/lvmirror.prom"\n'
-                   f'[volume.data]\nvg = "{VG}"\nlv = "data"\nsnapshot_size = "1G"\ndestination = "{dest}"\n'
-                   + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
-    cfg.chmod(0o600)
+    fake, cfg = configured(tmp, monkeypatch, dest, size=SIZE,  # its text compresses about 3:1
+                           defaults=f'metrics_file = "{tmp}/node/lvmirror.prom"\n',
+                           volume="".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
     return fake, cfg, dest
-
-
-def lvmirror(cfg: Path, *args: str, expect: int = 0) -> str:
-    result = run_cli(cli.main, ["-c", str(cfg), *args], timeout=120)
-    assert result.code == expect, result.output
-    return result.output
 
 
 def rewrite_same_bytes_and_change_a_little(fake: FakeLvm) -> None:
