@@ -410,6 +410,14 @@ V2 = V2[:3 * MiB + 4096] + bytes(8192) + V2[3 * MiB + 12288:]  # a range that be
 # The console scripts under test: the virtualenv's, beside this Python, or the installed package's
 # (scripts/test sets LVMIRROR_TEST_BIN=/usr/bin for its run against the Debian package).
 BIN = Path(os.environ.get("LVMIRROR_TEST_BIN") or Path(sys.executable).parent)
+LVDELTAFS = str(BIN / "lvdeltafs")
+
+
+def run(*argv: str | Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} failed ({proc.returncode}): {proc.stderr}")
+    return proc
 
 
 # ------------------------------------------------------------ a hostile local user (the adversarial suite)

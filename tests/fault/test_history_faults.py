@@ -11,9 +11,9 @@ import pytest
 
 from lvdeltafs.errors import ConnectionProblem
 from lvmirror.remote.history import Keep
-from tests.fault.test_receiver_faults import SMALL_NEW, SMALL_OLD, fill, init_small, session, small_fs  # noqa: F401
+from tests.faultkit import SMALL_NEW, SMALL_OLD, fill, init_small, session
 from tests.harness import BytesSource, delta, sha, sha_file, staging_files
-from tests.unit.test_history import composed, state, sync_all, versions
+from tests.historykit import composed, state, sync_all, versions
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_killed_while_rewinding(mirror, kill_at: str):
 
 
 def test_no_room_for_the_undo_delta_the_sync_is_still_exact_and_history_is_dropped_with_a_warning(
-        small_fs: Path, caplog):  # noqa: F811
+        small_fs: Path, caplog):
     dest = small_fs / "mirror.img"
     init_small(dest)
     ident, blob = delta(SMALL_OLD, SMALL_NEW, "vol@1", "vol@2")

@@ -9,14 +9,12 @@ sync completes.  Kills use the receiver's test hook
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from lvdeltafs.errors import ConnectionProblem, NoSpace
-from lvmirror.transports import LocalTransport
+from tests.faultkit import SMALL_NEW, SMALL_OLD, fill, init_small, session
 from tests.harness import BytesSource, MiB, delta, image, memory_delta, sha, sha_file, staging_files
 
 # Many records and writes: islands of assorted sizes, some over 1 MiB, and ranges that become zeros.
@@ -26,16 +24,6 @@ NEW = bytearray(image(12 * MiB, [(i * MiB // 2 + 512 * i, 200_000 + 90_000 * i) 
 NEW[2 * MiB:2 * MiB + 3 * MiB // 2] = image(3 * MiB // 2, [(0, 3 * MiB // 2)], seed=13)  # > 1 MiB extent
 NEW = bytes(NEW)
 NEWER = NEW[:5 * MiB] + image(7 * MiB + 4096, [(MiB, MiB)], seed=14)  # grown
-
-SMALL_SYNC = {"LVMIRROR_STAGING_SYNC_BYTES": str(256 << 10)}
-
-
-def session(dest: Path, kill_at: str | None = None) -> LocalTransport:
-    env = dict(SMALL_SYNC)
-    if kill_at:
-        env["LVMIRROR_TEST_KILL_AT"] = kill_at
-    return LocalTransport(str(dest), env=env)
-
 
 def state(dest: Path) -> dict:
     return json.loads(Path(f"{dest}.lvmirror-state").read_text())
@@ -160,45 +148,6 @@ def test_killed_while_initialising(tmp_path: Path):
 
 
 # ---------------------------------------------------------------- a full filesystem
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path):
-    """An 8 MiB tmpfs (needs root), unmounted afterwards."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("mounting a tmpfs needs root, and CI runs as root: a full disk must be tested")
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-        if os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(fs: Path, leave: int) -> Path:
-    """A filler file that leaves ``leave`` bytes free on ``fs``."""
-    st = os.statvfs(fs)
-    free = st.f_bavail * st.f_frsize
-    filler = fs / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\x01" * max(0, free - leave))
-    return filler
-
-
-SMALL_OLD = image(4 * MiB, [(0, MiB), (2 * MiB, MiB)], seed=21)
-SMALL_NEW = image(4 * MiB, [(0, 3 * MiB)], seed=22)  # rewrites 3 MiB, one of them in a hole
-
-
-def init_small(dest: Path) -> None:
-    ident, blob = delta(None, SMALL_OLD, "", "vol@1")
-    with session(dest) as rc:
-        rc.send_delta(BytesSource(blob), ident.delta_id)
-        rc.apply()
 
 
 def test_staging_runs_out_of_space(small_fs: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lvdeltafs.formats.stream import KIND_DATA
-from tests.fuse.test_mount import LVDELTAFS, run
+from tests.harness import LVDELTAFS, run
 from tests.mirrorkit import Kept, history_entry, make_mirror, write_state, write_undo
 
 pytestmark = pytest.mark.fuse

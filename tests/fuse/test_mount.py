@@ -20,20 +20,12 @@ import pytest
 from lvdeltafs.extents import DATA, format_ranges
 from lvdeltafs.formats.files import NAMES, DeltaFiles
 from lvdeltafs.pairs import open_delta
-from tests.harness import BIN
+from tests.harness import LVDELTAFS, run
 
 pytestmark = pytest.mark.fuse
 
-LVDELTAFS = str(BIN / "lvdeltafs")
 MiB = 1 << 20
 SIZE = 48 * MiB
-
-
-def run(*argv: str | Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{argv} failed ({proc.returncode}): {proc.stderr}")
-    return proc
 
 
 def make_pair(tmp: Path, seed: int = 1) -> tuple[Path, Path]:

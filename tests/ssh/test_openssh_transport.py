@@ -21,7 +21,7 @@ from lvmirror.openssh import OpenSshTransport, ssh_argv
 from lvmirror.transports import SshOptions, receiver_for
 from tests.conftest import _cannot_run
 from tests.harness import BIN, V1, V2, BytesSource, delta, keygen, sha, sha_file, staging_files
-from tests.ssh.test_ssh_transport import CutAfter, _wait_unlocked, host_fingerprint, url
+from tests.sshkit import CutAfter, host_fingerprint, url, wait_unlocked
 
 pytestmark = pytest.mark.ssh
 
@@ -172,7 +172,7 @@ def test_cut_mid_transfer_then_resume_over_openssh(sshd, tmp_path):
     with pytest.raises(ConnectionProblem, match="next run resumes"):
         rc.send_delta(source, ident.delta_id)
     first.close()
-    _wait_unlocked(Path(f"{dest}.lvmirror-lock"))
+    wait_unlocked(Path(f"{dest}.lvmirror-lock"))
     with transport(sshd, dest) as rc2:
         staged = rc2.hello().staged
         assert staged is not None and staged.delta_id == ident.delta_id and not staged.complete

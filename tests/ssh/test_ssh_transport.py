@@ -6,7 +6,6 @@ there with the system's python3, shipped over the channel by lvmirror.ssh.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shlex
@@ -36,27 +35,17 @@ from tests.harness import (
     staging_files,
     wait_for_banner,
 )
+from tests.sshkit import CutAfter, host_fingerprint, url, wait_unlocked
 
 pytestmark = pytest.mark.ssh
 
 MiB = 1 << 20
 
 
-def url(sshd, path: str | Path) -> str:
-    return f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{path}"
-
-
 def transport(sshd, path: str | Path, **kw) -> SshTransport:
     kw.setdefault("key", str(sshd.client_key))
     kw.setdefault("known_hosts", str(sshd.known_hosts))
     return SshTransport(url(sshd, path), **kw)
-
-
-def host_fingerprint(sshd) -> str:
-    """The host key's fingerprint as OpenSSH prints it (ssh-keygen -lf)."""
-    out = subprocess.run(["ssh-keygen", "-lf", str(sshd.workdir / "host_key.pub")], capture_output=True,
-                         text=True, check=True).stdout
-    return out.split()[1]
 
 
 def sync_over_ssh(sshd, dest: Path, ident, blob: bytes, **kw) -> dict:
@@ -244,46 +233,11 @@ def test_state_dir_is_passed_to_the_far_side(sshd, tmp_path):
     assert t.argv() == [str(tmp_path / "m.img"), "--state-dir", str(tmp_path / "state")]
 
 
-class CutAfter(BytesSource):
-    """A stream source that cuts the ssh connection once ``limit`` stream bytes have gone to the link.
-
-    ``at_cut`` records how many bytes the link had sent when it was cut (everything, the bootstrap
-    blob and requests included: an upper bound on the stream bytes that left this host).
-    """
-
-    def __init__(self, data: bytes, limit: int, link, cut):
-        super().__init__(data)
-        self.limit, self.link, self.cut = limit, link, cut
-        self.start = link.bytes_sent
-        self.at_cut: int | None = None
-
-    def read_from(self, offset: int, resume=None):
-        for blk in super().read_from(offset, resume):
-            if self.at_cut is None and self.link.bytes_sent - self.start >= self.limit:
-                self.at_cut = self.link.bytes_sent - self.start
-                self.cut()
-            yield blk
-
-
 def _kill_session(sshd) -> None:
     """Kill the sshd processes serving our connection (the listener's children), as a dropped link would."""
     kids = subprocess.run(["pgrep", "-P", str(sshd.process.pid)], capture_output=True, text=True)
     for pid in kids.stdout.split():
         os.kill(int(pid), 9)
-
-
-def _wait_unlocked(lock: Path, timeout: float = 15.0) -> None:
-    """Wait for the old receiver to let go of the destination (it saves what it verified first)."""
-    deadline = time.monotonic() + timeout
-    with open(lock, "rb") as f:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(f, fcntl.LOCK_UN)
-                return
-            except BlockingIOError:
-                assert time.monotonic() < deadline, "the cut-off receiver never exited"
-                time.sleep(0.05)
 
 
 @pytest.mark.parametrize("how", ["client-drop", "server-kill"])
@@ -301,7 +255,7 @@ def test_cut_mid_transfer_then_resume_resends_only_the_unverified_tail(sshd, tmp
     # The message says what happened: never an empty detail such as "(sending: )".
     assert not re.search(r"\(\w*:? ?\)|: \)", str(err.value)), str(err.value)
     first.close()
-    _wait_unlocked(Path(f"{dest}.lvmirror-lock"))
+    wait_unlocked(Path(f"{dest}.lvmirror-lock"))
 
     with transport(sshd, dest) as rc2:
         staged = rc2.hello().staged

@@ -6,65 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 
 from lvdeltafs.errors import LvError
-from lvdeltafs.formats.overlay import Composed, index_undo, overlay
 from lvmirror.remote.history import Keep
 from lvmirror.transports import LocalTransport
-from tests.harness import BytesSource, MiB, delta, image, sha, sha_file, staging_files
-
-KEEP3 = Keep(3)
-
-
-def versions(n: int, size: int = 4 * MiB) -> list[bytes]:
-    """n images, each a few rewritten islands of the one before; sizes change (grow, shrink) on the way."""
-    rng = random.Random(7)
-    out = [image(size, [(0, 300_000), (2 * MiB, MiB)], seed=1)]
-    for i in range(1, n):
-        cur = bytearray(out[-1])
-        if i == 2:
-            cur += image(MiB + 4096, [(0, MiB)], seed=50)  # grown
-        if i == 4:
-            cur = cur[:3 * MiB + 8192]  # shrunk
-        for _ in range(5):
-            off = rng.randrange(0, len(cur) - 70_000)
-            cur[off:off + 65_536] = rng.randbytes(65_536) if rng.random() < 0.8 else bytes(65_536)
-        out.append(bytes(cur))
-    return out
-
-
-def state(dest: Path) -> dict:
-    return json.loads(Path(f"{dest}.lvmirror-state").read_text())
-
-
-def sync_all(dest: Path, vs: list[bytes], keep: Keep | None = KEEP3, start: int = 0) -> None:
-    for i in range(start, len(vs)):
-        old = vs[i - 1] if i else None
-        ident, blob = delta(old, vs[i], f"vol@{i}" if i else "", f"vol@{i + 1}")
-        with LocalTransport(str(dest)) as rc:
-            rc.keep = keep
-            rc.send_delta(BytesSource(blob), ident.delta_id)
-            rc.apply()
-
-
-def composed(dest: Path, generation: int) -> bytes:
-    """Point ``generation`` composed from the mirror and its undo deltas, as the mount composes it."""
-    entries = state(dest)["history"]
-    chain = [e for e in entries if e["generation"] >= generation]
-    fds = [os.open(dest.parent / e["undo"], os.O_RDONLY) for e in chain]
-    base = os.open(dest, os.O_RDONLY)
-    try:
-        idx = [index_undo(fd) for fd in fds]
-        size = idx[0].target_size
-        return Composed(base, os.fstat(base).st_size, fds, overlay([i.ranges for i in idx], size), size).read(
-            0, size)
-    finally:
-        for fd in fds + [base]:
-            os.close(fd)
+from tests.harness import BytesSource, MiB, delta, sha, sha_file, staging_files
+from tests.historykit import composed, state, sync_all, versions
 
 
 def test_five_syncs_keep_three_points_each_equal_to_what_the_mirror_held(tmp_path: Path):

@@ -6,41 +6,16 @@ mirror up to date again (a compare resync: the point's snapshot is gone from the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from tests.fakelvm import FakeLvm, configured, lvmirror
+from tests.fakelvm import lvmirror
 from tests.harness import sha, sha_file, text
-from tests.unit.test_history import composed
+from tests.historykit import composed, five_syncs, history_setup, state
 
 MiB = 1 << 20
-SIZE = 8 * MiB
-
-
-def setup(tmp: Path, monkeypatch, extra: str = "history_points = 3\n") -> tuple[FakeLvm, Path, Path]:
-    dest = tmp / "mirror.img"
-    fake, cfg = configured(tmp, monkeypatch, dest, size=SIZE, volume=extra)
-    return fake, cfg, dest
-
-
-def state(dest: Path) -> dict:
-    return json.loads(Path(f"{dest}.lvmirror-state").read_text())
-
-
-def five_syncs(fake: FakeLvm, cfg: Path, dest: Path) -> dict[int, str]:
-    """init and five syncs, each after a few writes; {generation: sha256 of what the mirror then held}."""
-    lvmirror(cfg, "init", "data")
-    held = {1: sha(fake.read())}
-    for i in range(5):
-        fake.write((i * 1300 + 7) * 4096 % (SIZE - MiB), text(300_000, 10 + i))
-        fake.write(SIZE - 4096 * (i + 1), b"\0" * 4096)
-        lvmirror(cfg, "sync", "data")
-        assert sha_file(dest) == sha(fake.read())
-        held[state(dest)["generation"]] = sha(fake.read())
-    return held
 
 
 def test_history_lists_three_points_each_composing_to_what_the_mirror_held(tmp_path, monkeypatch):
-    fake, cfg, dest = setup(tmp_path, monkeypatch)
+    fake, cfg, dest = history_setup(tmp_path, monkeypatch)
     held = five_syncs(fake, cfg, dest)
     doc = json.loads(lvmirror(cfg, "history", "data", "--json"))
     assert [p["generation"] for p in doc["points"]] == [3, 4, 5]
@@ -53,7 +28,7 @@ def test_history_lists_three_points_each_composing_to_what_the_mirror_held(tmp_p
 
 
 def test_rewind_then_sync_again(tmp_path, monkeypatch):
-    fake, cfg, dest = setup(tmp_path, monkeypatch)
+    fake, cfg, dest = history_setup(tmp_path, monkeypatch)
     held = five_syncs(fake, cfg, dest)
     lvmirror(cfg, "rewind", "data", "--to", "4")
     assert sha_file(dest) == held[4]
@@ -74,7 +49,7 @@ def test_rewind_then_sync_again(tmp_path, monkeypatch):
 
 
 def test_history_points_0_keeps_none(tmp_path, monkeypatch):
-    fake, cfg, dest = setup(tmp_path, monkeypatch, "history_points = 0\n")
+    fake, cfg, dest = history_setup(tmp_path, monkeypatch, "history_points = 0\n")
     lvmirror(cfg, "init", "data")
     fake.write(0, text(MiB, 5))
     lvmirror(cfg, "sync", "data")
@@ -85,7 +60,7 @@ def test_history_points_0_keeps_none(tmp_path, monkeypatch):
 def test_the_mount_composes_the_receivers_own_points(tmp_path, monkeypatch):
     """What lvdeltafs's @mirrors tree reads (lvdeltafs.mirrors, no FUSE) from a real receiver's files."""
     from lvdeltafs.mirrors import open_mirrors
-    fake, cfg, dest = setup(tmp_path, monkeypatch)
+    fake, cfg, dest = history_setup(tmp_path, monkeypatch)
     held = five_syncs(fake, cfg, dest)
     mirror = open_mirrors([f"data={dest}"], None)["data"]
     try:

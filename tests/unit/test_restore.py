@@ -8,15 +8,16 @@ from __future__ import annotations
 import pytest
 
 from lvmirror import restore as restoring
+from tests.fakelvm import lvmirror
 from tests.harness import sha, sha_file, text
-from tests.unit.test_history_cli import SIZE, five_syncs, lvmirror, setup, state
+from tests.historykit import SIZE, five_syncs, history_setup, state
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def synced(tmp_path, monkeypatch):
-    fake, cfg, dest = setup(tmp_path, monkeypatch)
+    fake, cfg, dest = history_setup(tmp_path, monkeypatch)
     held = five_syncs(fake, cfg, dest)
     return fake, cfg, dest, held
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.exposition import parse_exposition
 from tests.fakelvm import FakeLvm, configured, lvmirror
 from tests.harness import sha, sha_file, text
-from tests.unit.test_monitoring import parse_exposition
 
 MiB = 1 << 20
 SIZE = 8 * MiB
