@@ -19,15 +19,15 @@ KEEP3 = Keep(3)
 SIZE = 8 * MiB  # of the faked volume
 
 
-def versions(n: int, size: int = 4 * MiB) -> list[bytes]:
+def versions(n: int, size: int = 4 * MiB, resize: bool = True) -> list[bytes]:
     """n images, each a few rewritten islands of the one before; sizes change (grow, shrink) on the way."""
     rng = random.Random(7)
     out = [image(size, [(0, 300_000), (2 * MiB, MiB)], seed=1)]
     for i in range(1, n):
         cur = bytearray(out[-1])
-        if i == 2:
+        if i == 2 and resize:
             cur += image(MiB + 4096, [(0, MiB)], seed=50)  # grown
-        if i == 4:
+        if i == 4 and resize:
             cur = cur[:3 * MiB + 8192]  # shrunk
         for _ in range(5):
             off = rng.randrange(0, len(cur) - 70_000)
@@ -40,11 +40,12 @@ def state(dest: Path) -> dict:
     return json.loads(Path(f"{dest}.lvmirror-state").read_text())
 
 
-def sync_all(dest: Path, vs: list[bytes], keep: Keep | None = KEEP3, start: int = 0) -> None:
+def sync_all(dest: Path, vs: list[bytes], keep: Keep | None = KEEP3, start: int = 0,
+             state_dir: Path | None = None) -> None:
     for i in range(start, len(vs)):
         old = vs[i - 1] if i else None
         ident, blob = delta(old, vs[i], f"vol@{i}" if i else "", f"vol@{i + 1}")
-        with LocalTransport(str(dest)) as rc:
+        with LocalTransport(str(dest), str(state_dir) if state_dir else None) as rc:
             rc.keep = keep
             rc.send_delta(BytesSource(blob), ident.delta_id)
             rc.apply()

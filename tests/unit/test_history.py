@@ -13,7 +13,7 @@ import pytest
 from lvdeltafs.errors import LvError
 from lvmirror.remote.history import Keep
 from lvmirror.transports import LocalTransport
-from tests.harness import BytesSource, MiB, delta, sha, sha_file, staging_files
+from tests.harness import BytesSource, MiB, delta, loop_device, sha, sha_file, staging_files
 from tests.historykit import composed, state, sync_all, versions
 
 
@@ -164,3 +164,34 @@ def test_debris_of_a_killed_run_is_swept_and_files_of_others_are_not(tmp_path: P
     assert not (tmp_path / "mirror.img.lvmirror-undo-99").exists()
     assert all((tmp_path / n).read_bytes() == b"not ours" for n in keep)
     assert len(state(dest)["history"]) == 2
+
+
+def test_a_block_device_keeps_its_undo_deltas_in_its_state_folder(tmp_path: Path):
+    vs = versions(5, resize=False)
+    state_dir = tmp_path / "state"
+    # Zeros in the device: the test init (like a thin init) sends only the blocks that are not.
+    with loop_device(tmp_path / "backing", size=len(vs[0]), fill=b"\0") as dev:
+        sync_all(Path(dev), vs, state_dir=state_dir)
+        (doc_path,) = state_dir.glob("*.json")
+        doc = json.loads(doc_path.read_text())
+        assert [e["generation"] for e in doc["history"]] == [2, 3, 4]
+        stem = doc_path.name.removesuffix(".json")
+        assert sorted(p.name for p in state_dir.glob("*undo*")) == [f"{stem}.undo-{g}" for g in (2, 3, 4)]
+        assert all(os.stat(state_dir / e["undo"]).st_mode & 0o077 == 0 for e in doc["history"])
+        for g in (4, 3, 2):  # newest first: each rewind drops the newer points
+            with LocalTransport(dev, str(state_dir)) as rc:
+                rc.rewind(g)
+            assert sha_file(dev) == sha(vs[g - 1])
+        assert not list(state_dir.glob("*undo*"))
+
+
+def test_retention_by_count_age_and_size_drops_the_oldest_first():
+    from lvmirror.remote.history import retained
+    entries = [{"generation": g, "synced_epoch": 1000.0 * g, "undo_bytes": 100 * g} for g in range(1, 6)]
+    gens = lambda keep, now=5000.0: [e["generation"] for e in retained(entries, keep, now)]  # noqa: E731
+    assert gens(Keep(7)) == [1, 2, 3, 4, 5]
+    assert gens(Keep(3)) == [3, 4, 5]
+    assert gens(Keep(0)) == [] and gens(None) == []
+    assert gens(Keep(7, age=2500)) == [3, 4, 5]  # synced 2000 s or less ago
+    assert gens(Keep(7, size=900)) == [4, 5]  # 400 + 500 bytes
+    assert gens(Keep(2, age=10_000, size=10_000)) == [4, 5]
