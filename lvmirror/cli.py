@@ -386,6 +386,7 @@ def _room(st) -> str:
 
 
 def _status_text(st) -> str:
+    from lvmirror.status import points_summary, run_lines
     if st.dests:
         lines = [f"{st.name}: {st.source} -> {len(st.dests)} destinations"]
         for part in st.dests:
@@ -401,11 +402,14 @@ def _status_text(st) -> str:
         lines.append(f"  base snapshot: {st.base or '(missing)'} {st.base_id}{_room(st)}")
         lines.append(f"  destination:   generation {state.get('generation')}, {state.get('size')} bytes, "
                      f"last sync {state.get('synced')} ({state.get('source')})")
+        points = points_summary(state)
+        if points and points["count"]:
+            lines.append(f"  history:       {points['count']} points back to generation "
+                         f"{points['oldest_generation']}, {points['undo_bytes']} bytes (`lvmirror history`)")
         if state.get("needs_check"):
             lines.append(f"  needs a check: a forced apply was made; run `lvmirror check {st.name}`")
     elif not st.problems:
         lines.append(f"  destination:   not initialised (run `lvmirror init {st.name}`)")
-    from lvmirror.status import run_lines
     lines.extend(run_lines(st))
     if st.snapshots:
         lines.append(f"  snapshots:     {', '.join(st.snapshots)}")

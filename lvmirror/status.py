@@ -235,6 +235,7 @@ def _status_json(st: VolumeStatus, now: float, max_age: float | None) -> dict[st
         "snapshots": list(st.snapshots),
         "generation": _count(state.get("generation")),
         "size": _count(state.get("size")),
+        "points": points_summary(state),
         "synced": _number(state.get("synced_epoch")),
         "needs_check": state.get("needs_check") is True,
         "last_run": _run_json(st.runs.last_run),
@@ -245,6 +246,18 @@ def _status_json(st: VolumeStatus, now: float, max_age: float | None) -> dict[st
         "stale": None if max_age is None else st.stale(now, max_age),
         "problems": list(st.problems),
     }
+
+
+def points_summary(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The kept points as the far side lists them: how many, the oldest, the space (None if unreadable)."""
+    from lvdeltafs.errors import BadInput
+    from lvmirror.points import parse_points
+    try:
+        points = parse_points(state, "receiver")
+    except BadInput:
+        return None
+    return {"count": len(points), "oldest_generation": points[0].generation if points else None,
+            "undo_bytes": sum(p.undo_bytes for p in points)}
 
 
 def _run_json(run: runlog.Run | None) -> dict[str, Any] | None:
