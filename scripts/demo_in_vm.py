@@ -134,9 +134,11 @@ class Demo:
         self.lvmirror("sync", "--dry-run", LV)
 
         step("lvmirror sync: new snapshot, delta from the base, staged, verified, applied; old base removed")
+        before = sha256_of(self.image)
         self.lvmirror("sync", LV)
         run("lvs", "-o", "lv_name,origin,lv_size,snap_percent,lv_tags", VG)
         self.verify()
+        self.history(before)
 
         step("lvmirror check: block digests of the snapshot and of the mirror")
         self.lvmirror("check", LV)
@@ -152,6 +154,30 @@ class Demo:
         step("lvmirror status")
         self.lvmirror("status")
         self.monitoring()
+
+    def history(self, before: str) -> None:
+        step("history: the sync kept the bytes it overwrote (an undo delta); the point before it, browsed "
+             "and restored")
+        self.lvmirror("history", LV)
+        mnt = self.work / "points"
+        mnt.mkdir()
+        run(str(BIN / "lvdeltafs"), "mount", "--mirror", f"{LV}={self.image}", str(mnt))
+        try:
+            point = mnt / "@mirrors" / LV / "1" / "image"
+            run("ls", "-l", str(point))
+            got = sha256_of(point)
+        finally:
+            run(str(BIN / "lvdeltafs"), "umount", str(mnt))
+        print(f"sha256 of point 1, composed by the mount: {got}\n"
+              f"sha256 of the mirror before the sync:     {before}")
+        if got != before:
+            raise DemoFailed("the kept point is not what the mirror held before the sync")
+        run("lvcreate", "-q", "-L", "64M", "-n", f"{LV}-restored", VG)
+        self.lvmirror("restore", LV, "--point", "1", "--to", f"{VG}/{LV}-restored")
+        if sha256_of(f"/dev/{VG}/{LV}-restored") != before:
+            raise DemoFailed("the restored volume is not the point")
+        print("the new LV holds point 1 byte for byte")
+        run("lvremove", "-q", "-y", f"{VG}/{LV}-restored")
 
     def monitoring(self) -> None:
         step("monitoring: status --json --max-age (a Nagios/Icinga check), the Prometheus textfile")
