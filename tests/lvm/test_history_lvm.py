@@ -10,7 +10,12 @@ before the current one must be listed by ``history``, read back through a real
 ``lvdeltafs mount --mirror`` (and one checked by fsck.ext4 and debugfs),
 given back byte for byte by ``rewind`` (newest first), and one sync after the
 rewinds must bring the mirror level with the source again (a compare resync).
-Over ssh (classic, raw writes): history and rewind through the far receiver.
+``restore`` is refused onto the mounted origin, writes a point onto a new LV
+(block digests) and, once unmounted, onto the origin itself (only the changes
+since the base and the undo ranges; on classic, first SIGKILLed half way and
+run again); the summaries say what each read and wrote (run with -s).  History,
+rewind and restore over ssh run on the host, against a real sshd
+(tests/ssh/test_history_ssh.py): the far side is the same receiver.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from lvdeltafs.pairs import device_size
-from tests.harness import BIN, VOLUME_MB, MiB, Mirror, seeded_writes, sh, sha, sha256_of, text, writing_to
-from tests.unit.test_history import composed
+from tests.harness import BIN, VOLUME_MB, MiB, Mirror, sh, sha, sha256_of, text, writing_to
+from tests.historykit import composed
 
 pytestmark = pytest.mark.lvm
 
@@ -163,6 +168,15 @@ def test_five_syncs_history_mount_and_rewind_to_each_point(vg, tmp_path, fuse_mo
         sh("fusermount3", "-u", str(mnt))
         phases.done("history, mount, three points read, fsck")
 
+        # Restore: never onto the mounted origin; onto a new LV by block digests.
+        out = restore(m, "--point", "4", "--to", f"{vg.name}/data", expect=4)
+        assert "is open" in out, out
+        other = new_lv(vg, kind, "restored")
+        out = restore(m, "--point", "4", "--to", f"{vg.name}/restored")
+        assert sha256_of(other) == sums[4] and "block digests" in out, out
+        print(f"\n{kind}: restore onto a new LV: {out.strip().splitlines()[-1]}")
+        phases.done("restore onto a new LV")
+
         # Rewind to each kept point, newest first: each drops the newer ones.
         for g in (5, 4, 3):
             m.run("rewind", m.name, "--to", str(g))
@@ -181,37 +195,29 @@ def test_five_syncs_history_mount_and_rewind_to_each_point(vg, tmp_path, fuse_mo
         assert len(st["history"]) == 1 and st["history"][0]["snapshot"] == snap[3], st
         assert sha(composed(m.image, st["history"][0]["generation"])) == sums[3]
         phases.done("compare resync")
-    print(f"\nhistory on {kind}: {phases}")
+    # The filesystem unmounted: point 3 restored onto the origin itself, reading only the changes since the
+    # base snapshot and the undo ranges (classic: first SIGKILLed half way, then run again).
+    point = str(m.state()["history"][0]["generation"])
+    if kind == "classic":
+        restore(m, "--point", point, "--to", f"{vg.name}/data", expect=-9,
+                env={"LVMIRROR_TEST_KILL_AT": "restore:2"})
+    out = restore(m, "--point", point, "--to", f"{vg.name}/data")
+    assert sha256_of(m.origin) == sums[3] and "changes since the base snapshot" in out, out
+    print(f"{kind}: restore onto the origin ({VOLUME_MB} MiB): {out.strip().splitlines()[-1]}")
+    phases.done("restore onto the origin")
+    print(f"history on {kind}: {phases}")
 
 
-def ssh_mirror(vg, tmp: Path, sshd) -> Mirror:
-    vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", "data", vg.name)
-    url = f"ssh://{sshd.user}@{sshd.host}:{sshd.port}{tmp / 'data.img'}"
-    extra = f'ssh_key = "{sshd.client_key}"\nknown_hosts = "{sshd.known_hosts}"\n' + KEEP
-    return Mirror(tmp, vg.name, "data", url=url, extra=extra)
+def restore(m: Mirror, *args: str, expect: int = 0, env: dict | None = None) -> str:
+    out = subprocess.run([str(BIN / "lvmirror"), "-c", str(m.cfg), "restore", m.name, *args],
+                         capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert out.returncode == expect, f"restore {args} -> {out.returncode}:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
 
 
-def test_history_and_rewind_over_ssh(vg, tmp_path, sshd):
-    # Classic and raw writes only: the far side runs the same receiver as above.
-    m = ssh_mirror(vg, tmp_path, sshd)
-    phases = Phases()
-    seeded_writes(m.origin, SIZE, seed=1, count=16)
-    m.run("init", m.name)
-    snap, sums = {}, {}
-    snap[1], sums[1] = held(m)
-    for g in range(2, 5):
-        seeded_writes(m.origin, SIZE, seed=g)
-        sync_while_written(m, m.origin, SIZE, seed=10 + g)
-        snap[g], sums[g] = held(m)
-    phases.done("init and three syncs")
-    doc = json.loads(m.run("history", m.name, "--json").stdout)
-    assert doc["destination"].startswith("ssh://"), doc
-    assert [(p["generation"], p["snapshot"]) for p in doc["points"]] == [(g, snap[g]) for g in (1, 2, 3)]
-    assert doc["drops_next"] == [1], doc
-    m.run("rewind", m.name, "--to", "2")
-    assert sha256_of(m.image) == sums[2]
-    st = m.state()
-    assert st["source"] == "rewind" and st["snapshot"] == snap[2], st
-    assert [e["generation"] for e in st["history"]] == [1], st
-    phases.done("history and a rewind")
-    print(f"\nhistory over ssh: {phases}")
+def new_lv(vg, kind: str, name: str) -> str:
+    if kind == "classic":
+        vg.run("lvcreate", "-q", "-L", f"{VOLUME_MB}M", "-n", name, vg.name)
+    else:
+        vg.run("lvcreate", "-q", "-V", f"{VOLUME_MB}M", "-T", f"{vg.name}/pool", "-n", name)
+    return f"/dev/{vg.name}/{name}"
