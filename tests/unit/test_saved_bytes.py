@@ -24,7 +24,7 @@ SIZE = 8 * MiB
 CHANGED = 16 << 10
 
 
-def setup(tmp: Path, monkeypatch, **keys) -> tuple[FakeLvm, Path, Path]:
+def faked_volume(tmp: Path, monkeypatch, **keys) -> tuple[FakeLvm, Path, Path]:
     (tmp / "node").mkdir()
     dest = tmp / "mirror.img"
     fake, cfg = configured(tmp, monkeypatch, dest, size=SIZE,  # its text compresses about 3:1
@@ -47,7 +47,7 @@ def rewrite_same_bytes_and_change_a_little(fake: FakeLvm) -> None:
 ])
 def test_marked_differed_and_wire_bytes_are_recorded_shown_and_exported(tmp_path, monkeypatch, keys,
                                                                          differed):
-    fake, cfg, dest = setup(tmp_path, monkeypatch, **keys)
+    fake, cfg, dest = faked_volume(tmp_path, monkeypatch, **keys)
     lvmirror(cfg, "init", "data")
     rewrite_same_bytes_and_change_a_little(fake)
     lvmirror(cfg, "sync", "data")
@@ -80,7 +80,7 @@ def test_marked_differed_and_wire_bytes_are_recorded_shown_and_exported(tmp_path
 
 
 def test_an_init_records_what_it_read_and_sent(tmp_path, monkeypatch):
-    fake, cfg, dest = setup(tmp_path, monkeypatch, compress="zlib")
+    fake, cfg, dest = faked_volume(tmp_path, monkeypatch, compress="zlib")
     lvmirror(cfg, "init", "data")
     record = json.loads((tmp_path / "work" / "runs" / "data.json").read_text())["last_run"]
     # An init has no base: what is marked is every non-zero block, and all of it is sent.
