@@ -43,10 +43,9 @@ def test_init_sync_check_repair_over_ssh(vg, tmp_path, sshd):
     out = m.run("sync", "--dry-run", "--compress", "zlib", "--bwlimit", "1M", m.name)
     assert "compressed (estimated from a sample) the data would be about" in out.stdout, out.stdout
     assert "at the cap of 1.0 MiB/s sending" in out.stdout, out.stdout
-    for rnd in range(2):
-        seeded_writes(m.origin, size, seed=20 + rnd)
-        m.run("sync", m.name)
-        m.assert_matches_base()
+    seeded_writes(m.origin, size, seed=20)
+    m.run("sync", m.name)
+    m.assert_matches_base()
     # Changed behind lvmirror's back: the far side's digests show it, --repair mends it.
     write_at(str(m.image), 3 * MiB + 5, b"\x99" * 100)
     out = m.run("check", m.name, expect=EXIT_MISMATCH)
@@ -64,11 +63,12 @@ def staged_bytes(m: Mirror) -> int:
 
 
 def test_sender_killed_mid_transfer_resumes(vg, tmp_path, sshd):
-    """SIGKILL the sending lvmirror at several points; each next run resumes from the receiver's bytes."""
+    """SIGKILL the sending lvmirror early and late in a transfer; each next run resumes from the receiver's
+    bytes.  More points and the receiver's own kill points over ssh run on the host (tests/ssh, fakelvm)."""
     m = ssh_mirror(vg, tmp_path, sshd)
     m.run("init", m.name)
     resent = []
-    for point, threshold in enumerate((3 * MiB, 9 * MiB, 15 * MiB)):
+    for point, threshold in enumerate((3 * MiB, 12 * MiB)):
         write_at(m.origin, 0, random.Random(point).randbytes(20 * MiB))
         proc = subprocess.Popen([str(BIN / "lvmirror"), "-c", str(m.cfg), "sync", m.name],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
