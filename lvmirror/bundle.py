@@ -7,8 +7,11 @@ stdin, then the protocol on the same stdin/stdout.  Everything user-controlled
 line is a constant.  The modules are executed in memory under their real
 dotted names (nothing is written on the far host before the receiver decides
 what to write), and the bootstrap's importer refuses every import that is
-neither shipped nor in the standard library: a receiver that imported
-numpy or a project module by mistake fails on every host, this one included.
+neither shipped nor in the standard library nor in ``OPTIONAL``: a receiver
+that imported numpy or a project module by mistake fails on every host, this
+one included.  ``OPTIONAL`` are the far host's own packages the receiver may
+use when they are there and does without when not (zstandard: the zstd codec,
+:mod:`lvdeltafs.formats.codecs`); nothing of them is shipped.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ EXIT_PYTHON_TOO_OLD = 90
 EXIT_BAD_BLOB = 91
 RESUMES = "the next run resumes from what the receiver holds"
 MIN_PYTHON = (3, 10)  # sys.stdlib_module_names, dataclass(slots=True)
+OPTIONAL = ("zstandard",)
 
 # The blob is read from fd 0 with os.read, never through sys.stdin's buffer, so no byte of the
 # protocol that follows is swallowed by a read-ahead the receiver would not see.
@@ -58,7 +62,7 @@ class Bundle:
         if name in sources or name in packages:
             return importlib.util.spec_from_loader(name, cls, is_package=name in packages)
         top = name.partition('.')[0]
-        if top in ('lvdeltafs', 'lvmirror') or top not in sys.stdlib_module_names:
+        if top in ('lvdeltafs', 'lvmirror') or not (top in sys.stdlib_module_names or top in {OPTIONAL!r}):
             raise ImportError('lvmirror receiver: ' + name + ' is neither shipped nor in the standard '
                               'library; the receiver may import only those', name=name)
         return None

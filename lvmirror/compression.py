@@ -1,4 +1,7 @@
-"""When to compress: ``compress = "off" | "zlib" | "auto"``, and what a dry run estimates.
+"""When to compress: ``compress = "off" | "zlib" | "zstd" | "auto"``, and what a dry run estimates.
+
+``auto`` compresses with the fastest codec both ends have (zstd where both
+pythons have it, else zlib: :func:`lvdeltafs.formats.codecs.best`).
 
 ``auto`` compresses only while that makes the transfer faster, which it
 finds out by measuring, not by guessing: the encoder tells :meth:`Policy.observe`
@@ -57,11 +60,15 @@ def host_cpu() -> tuple[int, int] | None:
 class Policy:
     """Whether each batch is compressed.  ``compresses``: whether the stream may hold compressed records."""
 
-    def __init__(self, mode: str, cpu: Callable[[], tuple[int, int] | None] | None = None):
+    def __init__(self, mode: str, cpu: Callable[[], tuple[int, int] | None] | None = None, *,
+                 codec: str = "zlib"):
         if mode not in MODES:
             raise ValueError(f"compress must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self.compresses = mode != "off"
+        # The codec compressed batches use: the mode's own, or for auto the one given (codecs.best).
+        self.codec_name = mode if mode in codecs.BY_NAME else codec
+        self.codec = codecs.BY_NAME[self.codec_name]
         # Measured rates (uncompressed bytes per second) of each way, from its latest run.
         self.rate: dict[bool, float | None] = {True: None, False: None}
         self._measured: dict[bool, list[float]] = {True: [0, 0.0, -1], False: [0, 0.0, -1]}  # bytes, s, run
@@ -147,20 +154,28 @@ class Policy:
             return "compression off"
         total = self.sent[True] + self.sent[False]
         share = 100 * self.sent[True] / total if total else 0
-        return f"compress={self.mode}: {share:.0f}% of the data went through the compressor"
+        how = f"{self.mode} ({self.codec_name})" if self.mode == "auto" else self.mode
+        return f"compress={how}: {share:.0f}% of the data went through the compressor"
 
 
 def choose_mode(configured: str, *, local: bool, far_codecs: list[str]) -> str:
-    """The mode to run: ``auto`` on a local pipe is off; a codec the far side lacks falls back to off."""
+    """The mode to run: ``auto`` on a local pipe is off; a codec one of the ends lacks falls back to off."""
     if configured == "auto":
-        return "off" if local or "zlib" not in far_codecs else "auto"
-    if configured != "off" and configured not in far_codecs:
+        return "off" if local or codecs.best(far_codecs) is None else "auto"
+    if configured != "off" and (configured not in far_codecs or configured not in codecs.available()):
         return "off"
     return configured
 
 
+def policy_for(configured: str, *, local: bool, far_codecs: list[str]) -> Policy:
+    """The policy for one link: :func:`choose_mode`'s mode, auto with the best codec both ends have."""
+    mode = choose_mode(configured, local=local, far_codecs=far_codecs)
+    return Policy(mode, codec=codecs.best(far_codecs) or "zlib")
+
+
 def sample_ratio(ranges: Iterable[tuple[int, int]], total: int, read: Callable[[int, int], bytes], *,
-                 sample_bytes: int = 32 << 20, piece: int = 1 << 20) -> float | None:
+                 codec: int = codecs.ZLIB, sample_bytes: int = 32 << 20,
+                 piece: int = 1 << 20) -> float | None:
     """Compressed size over raw size of about ``sample_bytes``, read in pieces spread over the data.
 
     ``ranges`` gives (offset, length) of the data ranges in order, ``total``
@@ -177,7 +192,7 @@ def sample_ratio(ranges: Iterable[tuple[int, int]], total: int, read: Callable[[
         while next_take < at + n:
             rel = next_take - at
             size = min(piece, n - rel)
-            out = codecs.compress(read(off + rel, size))
+            out = codecs.compress(read(off + rel, size), codec)
             raw += size
             packed += size if out is None else len(out)
             next_take += step

@@ -96,7 +96,7 @@ class VolumeConfig:
     work_dir: str = DEFAULT_WORK_DIR
     bwlimit: int | None = None  # bytes per second of delta sent (None: no cap); see lvmirror.bwlimit
     exact: bool = False  # send only the 4 KiB blocks that differ from the base (see lvdeltafs.exact)
-    compress: str = "auto"  # auto | off | zlib: see lvmirror.compression
+    compress: str = "auto"  # auto | off | zlib | zstd: see lvmirror.compression
     ssh_transport: str = "paramiko"  # or "openssh": the system's ssh client (see lvmirror.openssh)
     history: Keep = Keep(retention.DEFAULT_POINTS)  # how many points the receiver keeps (lvmirror.retention)
     # Every destination of the volume; ``destination`` is the one this object is about (the first, or

@@ -235,7 +235,7 @@ class DeltaStream:
                 skipped += n - sum(ln for _, ln in runs)
             for rel, ln in runs:
                 piece = data if ln == n else data[rel:rel + ln]
-                out.append(_data_record(off + rel, piece, seed, compress))
+                out.append(_data_record(off + rel, piece, seed, self.policy.codec if compress else None))
         return out, skipped
 
     def _emit(self, item: InFlight, counts: Counts) -> Iterator[bytes]:
@@ -282,10 +282,10 @@ def _read(read: Callable[[int, int], bytes], off: int, n: int, side: str) -> byt
     return data
 
 
-def _data_record(off: int, data: bytes, seed: int, compress: bool) -> tuple[int, int, int, list[bytes]]:
-    """A DATA record, or a COMPRESSED one when asked and the bytes shrink."""
+def _data_record(off: int, data: bytes, seed: int, codec: int | None) -> tuple[int, int, int, list[bytes]]:
+    """A DATA record, or a COMPRESSED one by ``codec`` when one is given and the bytes shrink."""
     n = len(data)
-    payload = codecs.compress(data) if compress else None
+    payload = codecs.compress(data, codec) if codec else None
     if payload is None:
         return T_DATA, off, n, [record_head(T_DATA, n, off, n, zlib.crc32(data), seed), data]
     return T_COMPRESSED, off, n, [record_head(T_COMPRESSED, len(payload), off, n, zlib.crc32(payload), seed),

@@ -23,11 +23,11 @@ from lvdeltafs import lvm, pairs
 from lvdeltafs.delta import Delta, FileReader, Identity
 from lvdeltafs.errors import BadInput, CommandFailed, LvError, Mismatch, Refused, SnapshotUnusable
 from lvdeltafs.extents import DATA, Extents, format_ranges
-from lvdeltafs.formats import files
+from lvdeltafs.formats import codecs, files
 from lvdeltafs.formats.verify import verify_path
 from lvmirror import deltas, snapshots, spool
 from lvmirror.client import FileSource, Hello, ReceiverClient, StreamSource, stream_header
-from lvmirror.compression import Policy, choose_mode, sample_ratio
+from lvmirror.compression import policy_for, sample_ratio
 from lvmirror.config import ConfigError, VolumeConfig
 from lvmirror.encoder import DeltaStream
 from lvmirror.progress import Progress, human
@@ -172,10 +172,11 @@ def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = Fals
     if spool_dir:
         spool.save(spool_dir, delta_id, delta.extents)
     # The far side's codecs are in the hello every pipeline begins with.
-    mode = choose_mode(compress, local=client.local, far_codecs=list(client.codecs))
-    if mode != compress and not (compress == "auto" and client.local):
-        log.warning("%s: the receiver's python3 cannot decompress %s; sending uncompressed", label, compress)
-    policy = Policy(mode)
+    policy = policy_for(compress, local=client.local, far_codecs=list(client.codecs))
+    if policy.mode != compress and not (compress == "auto" and client.local):
+        log.warning("%s: %s is not available at both ends (the receiver's python3 has %s, this one %s); "
+                    "sending uncompressed", label, compress, ", ".join(client.codecs) or "none",
+                    ", ".join(codecs.available()))
     source = DeltaStream(delta, policy)
     with Progress(label, source.total, cap=client.bwlimit, enabled=None if show_progress else False) as bar:
         source.progress = bar.update
@@ -274,8 +275,10 @@ def _send_new(vol: VolumeConfig, client: ReceiverClient, snap: lvm.LogicalVolume
 def estimate(vol: VolumeConfig, client: ReceiverClient, delta: Delta, out: Outcome) -> None:
     """A dry run's figures: the stream's size, and what compression would make of a sample of the data."""
     out.stream_bytes = files.stream_layout(delta).size
-    if choose_mode(vol.compress, local=client.local, far_codecs=list(client.codecs)) != "off":
-        out.compress_ratio = sample_ratio(data_ranges(delta.extents), delta.extents.data_bytes, delta.read)
+    policy = policy_for(vol.compress, local=client.local, far_codecs=list(client.codecs))
+    if policy.compresses:
+        out.compress_ratio = sample_ratio(data_ranges(delta.extents), delta.extents.data_bytes, delta.read,
+                                          codec=policy.codec)
 
 
 def _after_failure(snap: lvm.LogicalVolume, client: ReceiverClient, dry_run: bool) -> None:

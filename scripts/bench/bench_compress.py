@@ -13,7 +13,9 @@ encoder (lvmirror.encoder), sent over a real ssh session to a real sshd,
 staged, verified and applied by the shipped receiver.  The changed chunks of
 the mirror are compared with the target's after each run.
 
-Two links, in one run, with off, auto and zlib (always) in turn, medians of ``--reps``:
+Two links, in one run, with off, auto, zlib and zstd (always) in turn, medians of ``--reps``.
+The far side runs ``--remote-python`` (default Debian's /usr/bin/python3, which has
+python3-zstandard), so auto compresses with zstd, the faster codec both ends have:
 
 - a network namespace behind a veth pair shaped by tbf to 400 Mbit/s (50 MB/s)
   each way, with a real sshd inside (tests.harness.ShapedLink, as the
@@ -56,9 +58,9 @@ from lvmirror.transports import SshTransport  # noqa: E402
 from tests.harness import ShapedLink, start_sshd  # noqa: E402
 
 MiB = 1 << 20
-# zlib (always compress) beside them: how fast compressing everything is here, which says whether a
-# miss is auto's choice or the CPU's limit (on this host both ends and the link share its cores).
-MODES = ("off", "auto", "zlib")
+# zlib and zstd (always compress) beside them: how fast compressing everything is here, which says
+# whether a miss is auto's choice or the CPU's limit (on this host both ends and the link share its cores).
+MODES = ("off", "auto", "zlib", "zstd")
 CHUNK = 64 << 10
 
 
@@ -101,7 +103,7 @@ def zlib_ratio(target: Path, offsets: list[int]) -> float:
 
 
 def one_run(server, base: Path, target: Path, offsets: list[int], mirror: Path,
-            mode: str) -> tuple[float, int, str]:
+            mode: str, remote_python: str) -> tuple[float, int, str]:
     """(seconds, bytes sent, how the policy sent them) of one sync's send, stage and apply."""
     for p in mirror.parent.glob(mirror.name + ".lvmirror-*"):
         p.unlink()
@@ -111,8 +113,11 @@ def one_run(server, base: Path, target: Path, offsets: list[int], mirror: Path,
     extents = Extents.from_ranges(offsets, [CHUNK] * len(offsets), DATA, size)
     delta = Delta(ident, extents, FileReader(str(target), size))
     url = f"ssh://{server.user}@{server.host}:{server.port}{mirror}"
-    with SshTransport(url, key=str(server.client_key), known_hosts=str(server.known_hosts)) as rc:
-        rc.hello()
+    with SshTransport(url, key=str(server.client_key), known_hosts=str(server.known_hosts),
+                      remote_python=remote_python) as rc:
+        far = rc.hello().codecs  # also what send() chooses the codec by
+        if mode not in ("off", "auto") and mode not in far:
+            raise SystemExit(f"{remote_python} on the far side has no {mode} (it has {far})")
         t0 = time.perf_counter()  # connected: what follows is the sync's send, stage and apply
         policies: list[Policy] = []
         real = Policy.__init__
@@ -143,11 +148,11 @@ def check_mirror(mirror: Path, target: Path, offsets: list[int]) -> None:
 
 
 def compare(name: str, server, base: Path, target: Path, offsets: list[int], mirror: Path,
-            reps: int) -> dict[str, tuple[float, int, str]]:
+            reps: int, remote_python: str) -> dict[str, tuple[float, int, str]]:
     runs: dict[str, list[tuple[float, int, str]]] = {mode: [] for mode in MODES}
     for _ in range(reps):
         for mode in MODES:
-            runs[mode].append(one_run(server, base, target, offsets, mirror, mode))
+            runs[mode].append(one_run(server, base, target, offsets, mirror, mode, remote_python))
     out = {}
     for mode, rs in runs.items():
         secs = [r[0] for r in rs]
@@ -164,6 +169,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rate", default="400mbit", help="the shaped link's rate (tc units)")
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--remote-python", default="/usr/bin/python3", help="the far side's python3")
     ap.add_argument("--json", metavar="PATH", help="also write the key figures there (scripts/bench/all)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -182,8 +188,8 @@ def main() -> int:
             shaped = start_sshd(work / "sshd-shaped", link.ns_ip, link.exec_prefix())
             loop = start_sshd(work / "sshd-loop")
             mirror = work / "mirror.img"
-            slow = compare(f"{args.rate}", shaped, base, target, offsets, mirror, args.reps)
-            fast = compare("loopback", loop, base, target, offsets, mirror, args.reps)
+            slow = compare(args.rate, shaped, base, target, offsets, mirror, args.reps, args.remote_python)
+            fast = compare("loopback", loop, base, target, offsets, mirror, args.reps, args.remote_python)
         finally:
             for server in (shaped, loop):
                 if server is not None:
@@ -194,8 +200,9 @@ def main() -> int:
     print()
     print(f"shaped {args.rate}: auto is {gain:.2f}x faster than off (goal >= 1.6x)")
     print(f"loopback: auto takes {loss:.2f}x off's time (goal <= 1.05x)")
-    print(f"compressing everything (zlib): {slow['off'][0] / slow['zlib'][0]:.2f}x off over the link, "
-          f"{fast['zlib'][0] / fast['off'][0]:.2f}x off's time on the loopback")
+    for codec in ("zlib", "zstd"):
+        print(f"compressing everything ({codec}): {slow['off'][0] / slow[codec][0]:.2f}x off over the link, "
+              f"{fast[codec][0] / fast['off'][0]:.2f}x off's time on the loopback")
     print(f"peak RSS of the sender (this process): {benchjson.self_peak_mib():.0f} MiB")
     print(f"reproduce: .venv/bin/python scripts/bench/bench_compress.py --size-mib {args.size_mib} "
           f"--change {args.change} --reps {args.reps}")
@@ -207,6 +214,8 @@ def main() -> int:
         benchjson.Figure("auto over the loopback", fast["auto"][0], "s", "compress = off", fast["off"][0],
                          ("<=", 1.05, "ratio"), "issue 12"),
         benchjson.Figure(f"zlib (always) over a {args.rate} link", mb / slow["zlib"][0], "MB/s of changes",
+                         "compress = off", mb / slow["off"][0]),
+        benchjson.Figure(f"zstd (always) over a {args.rate} link", mb / slow["zstd"][0], "MB/s of changes",
                          "compress = off", mb / slow["off"][0]),
     ], peak_rss_mib=benchjson.self_peak_mib(), peak_rss_of="the sender",
         command=benchjson.reproduce("bench_compress.py"),

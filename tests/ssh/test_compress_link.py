@@ -35,8 +35,10 @@ def mixed(size: int, seed: int, text_share: int = 2) -> bytes:
 
 
 def transport(server, path: Path) -> SshTransport:
+    # Debian's python3, which has python3-zstandard (scripts/setup), not whatever a login shell's PATH
+    # finds first (on the development machine root's .bashrc puts pyenv's python3 there, without it).
     return SshTransport(f"ssh://{server.user}@{server.host}:{server.port}{path}", key=str(server.client_key),
-                        known_hosts=str(server.known_hosts))
+                        known_hosts=str(server.known_hosts), remote_python="/usr/bin/python3")
 
 
 @pytest.mark.netns
@@ -54,7 +56,10 @@ def test_auto_compresses_over_a_shaped_link_and_the_mirror_is_byte_exact(shaped_
         d = memory_delta(None, data, "", "vol@1")
         send(rc, d, "init", compress="auto")
         sent = rc.bytes_sent
+        far = rc.codecs
     assert sha_file(dest) == sha(data) and staging_files(dest) == []
+    # Both ends have zstd: auto compressed with it (the far side's python3-zstandard, imported there).
+    assert far == ("zlib", "zstd"), far
     # 64 MiB after the first run, compressing to about half: auto must have kept at it on this link.
     assert sent < 0.8 * len(data), f"{sent} bytes crossed the link for {len(data)} of data"
 
@@ -79,15 +84,16 @@ class CutAfter:
             yield blk
 
 
-def test_a_compressed_stream_cut_mid_transfer_resumes_with_only_the_unverified_tail(sshd, tmp_path):
+@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+def test_a_compressed_stream_cut_mid_transfer_resumes_with_only_the_unverified_tail(sshd, tmp_path, codec):
     dest = tmp_path / "mirror.img"
     data = mixed(24 * MiB, 2)
     d = memory_delta(None, data, "", "vol@1")
-    whole = b"".join(DeltaStream(d, Policy("zlib")).read_from(0))
+    whole = b"".join(DeltaStream(d, Policy(codec)).read_from(0))
     first = transport(sshd, dest)
     rc = first.connect()
     rc.hello()
-    source = CutAfter(DeltaStream(d, Policy("zlib")), len(whole) // 2, first.link.abort)
+    source = CutAfter(DeltaStream(d, Policy(codec)), len(whole) // 2, first.link.abort)
     with pytest.raises(ConnectionProblem):
         rc.send_delta(source, d.identity.delta_id)
     first.close()
@@ -95,9 +101,10 @@ def test_a_compressed_stream_cut_mid_transfer_resumes_with_only_the_unverified_t
     with transport(sshd, dest) as rc2:
         staged = rc2.hello().staged
         assert staged is not None and staged.version == 2 and not staged.complete
+        assert codec in rc2.codecs
         verified = staged.verified
         assert verified > 0, "nothing the receiver verified was kept"
-        rc2.send_delta(DeltaStream(d, Policy("zlib")), d.identity.delta_id)
+        rc2.send_delta(DeltaStream(d, Policy(codec)), d.identity.delta_id)
         resent = rc2.bytes_sent
         rc2.apply()
     assert sha_file(dest) == sha(data)

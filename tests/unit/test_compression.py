@@ -19,7 +19,15 @@ from lvdeltafs.formats import codecs
 from lvdeltafs.formats import stream as S
 from lvdeltafs.formats.reader import StreamReader, verify_stream
 from lvdeltafs.formats.stream import StreamError, StreamUnsupported
-from lvmirror.compression import MAX_INTERVAL, PROBE_BYTES, RUN_BYTES, Policy, choose_mode, sample_ratio
+from lvmirror.compression import (
+    MAX_INTERVAL,
+    PROBE_BYTES,
+    RUN_BYTES,
+    Policy,
+    choose_mode,
+    policy_for,
+    sample_ratio,
+)
 from lvmirror.encoder import DeltaStream, Resume
 from tests.harness import MiB, image, memory_delta, sha, sha_file, staging_files, text
 
@@ -43,20 +51,34 @@ def records(blob: bytes):
 # ---------------------------------------------------------------- the codec
 
 
-def test_codec_round_trip_and_no_expansion():
+CODECS = [codecs.ZLIB, codecs.ZSTD]  # zstd: the zstandard package, a dependency (python3-zstandard)
+
+
+def test_this_python_has_both_codecs_and_the_best_common_one_is_chosen():
+    assert codecs.available() == ["zlib", "zstd"]
+    assert codecs.best(["zlib", "zstd"]) == "zstd" and codecs.best(["zlib"]) == "zlib"
+    assert codecs.best([]) is None and codecs.best(["lz77"]) is None
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_codec_round_trip_and_no_expansion(codec):
     data = text(MiB, 5)
-    payload = codecs.compress(data)
-    assert payload is not None and len(payload) < len(data) // 2
+    payload = codecs.compress(data, codec)
+    assert payload is not None and len(payload) < len(data) // 2 and payload[0] == codec
     assert codecs.decompress(payload, len(data)) == data
-    assert codecs.compress(image(MiB, [(0, MiB)], seed=6)) is None  # random bytes are sent raw
+    assert codecs.compress(image(MiB, [(0, MiB)], seed=6), codec) is None  # random bytes are sent raw
     # A piece that begins with random bytes (a compressed file's blocks) but is mostly text compresses.
     mixed = image(256 << 10, [(0, 256 << 10)], seed=7) + text(768 << 10, 8)
-    assert len(codecs.compress(mixed)) < 0.6 * len(mixed)
+    assert len(codecs.compress(mixed, codec)) < 0.6 * len(mixed)
+    for n in (4096, 4097, MiB):  # runs of one byte (zstd's RLE blocks), a whole record of them
+        assert codecs.decompress(codecs.compress(bytes(n), codec), n) == bytes(n)
+    assert codecs.compress(b"tiny", codec) is None  # would not shrink: sent raw
 
 
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("damage, match, unsupported", [
-    (lambda p, n: (p, n + 1), "exactly", False),  # claims more bytes than it holds
-    (lambda p, n: (p, n - 1), "exactly", False),  # holds more than it claims: never inflated past n
+    (lambda p, n: (p, n + 1), "exactly|record", False),  # claims more bytes than it holds
+    (lambda p, n: (p, n - 1), "exactly|record", False),  # holds more than it claims: never inflated past n
     (lambda p, n: (p[:4] + bytes(4) + p[8:], n), "checksum", False),  # the inner CRC
     (lambda p, n: (p[:-3], n), "damaged|exactly", False),  # cut short
     (lambda p, n: (p + b"tail", n), "exactly", False),  # trailing bytes after the deflate stream
@@ -64,9 +86,9 @@ def test_codec_round_trip_and_no_expansion():
     (lambda p, n: (p[:1] + b"\1" + p[2:], n), "reserved", False),
     (lambda p, n: (p[:8], n), "shorter than its prefix", False),
 ])
-def test_codec_refuses_damage(damage, match, unsupported):
+def test_codec_refuses_damage(damage, match, unsupported, codec):
     data = text(200_000, 7)
-    payload, n = damage(codecs.compress(data), len(data))
+    payload, n = damage(codecs.compress(data, codec), len(data))
     with pytest.raises(codecs.CodecError, match=match) as e:
         codecs.decompress(payload, n)
     assert e.value.unsupported is unsupported
@@ -79,6 +101,37 @@ def test_codec_bomb_is_bounded():
     payload = codecs.PREFIX.pack(codecs.ZLIB, zlib.crc32(bytes(MiB))) + bomb
     with pytest.raises(codecs.CodecError, match="exactly"):
         codecs.decompress(payload, MiB)
+
+
+def zstd_payload(frame: bytes, crc_of: bytes) -> bytes:
+    return codecs.PREFIX.pack(codecs.ZSTD, zlib.crc32(crc_of)) + frame
+
+
+def test_zstd_bombs_and_frames_that_do_not_say_their_size_are_refused_before_anything_is_allocated():
+    import zstandard
+    gib = zstandard.ZstdCompressor(level=1).compress(bytes(1 << 30))  # records 1 GiB as its size
+    with pytest.raises(codecs.CodecError, match="record"):
+        codecs.decompress(zstd_payload(gib, bytes(MiB)), MiB)
+    streamed = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(MiB))
+    with pytest.raises(codecs.CodecError, match="record"):
+        codecs.decompress(zstd_payload(streamed, bytes(MiB)), MiB)
+    two = zstandard.ZstdCompressor(level=1).compress(bytes(1000))
+    with pytest.raises(codecs.CodecError, match="exactly one zstd frame"):
+        codecs.decompress(zstd_payload(two + two, bytes(1000)), 1000)  # a second frame after the first
+
+
+def test_a_python_without_zstd_lists_zlib_only_and_calls_a_zstd_payload_unsupported(monkeypatch):
+    payload = codecs.compress(text(100_000, 3), codecs.ZSTD)
+    monkeypatch.setattr(codecs, "_ZSTD", None)
+    assert codecs.available() == ["zlib"] and codecs.best(["zlib", "zstd"]) == "zlib"
+    with pytest.raises(codecs.CodecError, match="codec 2 is not one this python has") as e:
+        codecs.decompress(payload, 100_000)
+    assert e.value.unsupported
+    with pytest.raises(ValueError, match="zstd is not available"):
+        codecs.compress(b"x" * 100_000, codecs.ZSTD)
+    # A sender without it: auto compresses with zlib even when the far side has zstd; zstd asked for is off.
+    assert policy_for("auto", local=False, far_codecs=["zlib", "zstd"]).codec == codecs.ZLIB
+    assert policy_for("zstd", local=False, far_codecs=["zlib", "zstd"]).mode == "off"
 
 
 # ---------------------------------------------------------------- the reader
@@ -294,6 +347,12 @@ def test_modes():
     assert choose_mode("auto", local=False, far_codecs=["zlib"]) == "auto"
     assert choose_mode("zlib", local=True, far_codecs=["zlib"]) == "zlib"
     assert choose_mode("zlib", local=False, far_codecs=[]) == "off"  # an older far side: fall back
+    assert choose_mode("zstd", local=False, far_codecs=["zlib"]) == "off"  # a far side without zstd
+    assert choose_mode("auto", local=False, far_codecs=["zlib"]) == "auto"
+    auto = policy_for("auto", local=False, far_codecs=["zlib", "zstd"])
+    assert (auto.mode, auto.codec_name) == ("auto", "zstd") and "auto (zstd)" in auto.describe()
+    assert policy_for("auto", local=False, far_codecs=["zlib"]).codec_name == "zlib"
+    assert policy_for("zlib", local=False, far_codecs=["zlib", "zstd"]).codec_name == "zlib"
     assert not Policy("off").choose()[0] and Policy("zlib").choose()[0]
     with pytest.raises(ValueError):
         Policy("gzip")
