@@ -64,20 +64,23 @@ class Keep:
 
 
 def points(files: Files, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The state's history, each entry checked; a bad one makes the state damaged."""
+    """The state's history, each entry checked; a bad one makes the state damaged.
+
+    The one check of the list: the receiver's and the mount's (lvdeltafs.mirrors) alike."""
     raw = state.get("history") or []
     if not isinstance(raw, list):
         raise files.damaged(files.dest.state_name, "history is not a list")
+    present = state.get("generation")
     last = -1
     for entry in raw:
-        why = _entry_problem(files, entry, last)
+        why = _entry_problem(files, entry, last, present if type(present) is int else None)
         if why:
             raise files.damaged(files.dest.state_name, f"a history entry {why}")
         last = entry["generation"]
     return raw
 
 
-def _entry_problem(files: Files, entry: Any, last: int) -> str:
+def _entry_problem(files: Files, entry: Any, last: int, present: int | None) -> str:
     if not isinstance(entry, dict) or set(entry) != _POINT_KEYS:
         return f"must hold exactly {', '.join(sorted(_POINT_KEYS))}"
     try:
@@ -91,6 +94,8 @@ def _entry_problem(files: Files, entry: Any, last: int) -> str:
         return "has a time that is not a number"
     if entry["generation"] <= last:
         return "is out of order"
+    if present is not None and entry["generation"] >= present:
+        return f"has generation {entry['generation']}, not before the present generation {present}"
     if entry["undo"] != undo_name(files, entry["generation"]):
         return f"names the file {entry['undo'][:80]!r}, not the one its generation gives"
     return ""

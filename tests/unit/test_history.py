@@ -117,6 +117,22 @@ def test_a_hand_edited_history_is_a_damaged_state_and_changes_nothing(tmp_path: 
     assert sha_file(dest) == before and (tmp_path / "mirror.img.lvmirror-state").exists()
 
 
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_point_not_before_the_present_generation_is_a_damaged_state(tmp_path: Path, ahead: int):
+    dest = tmp_path / "mirror.img"
+    sync_all(dest, versions(4))
+    doc = state(dest)
+    newest = doc["history"][-1]
+    gen = doc["generation"] + ahead
+    os.rename(tmp_path / newest["undo"], tmp_path / f"mirror.img.lvmirror-undo-{gen}")
+    newest.update(generation=gen, undo=f"mirror.img.lvmirror-undo-{gen}")
+    Path(f"{dest}.lvmirror-state").write_text(json.dumps(doc))
+    before = sha_file(dest)
+    with LocalTransport(str(dest)) as rc, pytest.raises(LvError, match="damaged.*not before the present"):
+        rc.rewind(doc["history"][0]["generation"])
+    assert sha_file(dest) == before
+
+
 def test_a_damaged_undo_delta_refuses_the_rewind_and_changes_nothing(tmp_path: Path):
     dest = tmp_path / "mirror.img"
     vs = versions(4)
