@@ -9,7 +9,6 @@ errors the receiver reports as the project's exception classes.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +25,7 @@ from lvdeltafs.errors import (
     Refused,
     UnsupportedFormat,
 )
-from lvdeltafs.formats.reader import StreamReader
+from lvdeltafs.formats.reader import BlocksFile, StreamReader
 from lvdeltafs.formats.stream import StreamError
 from lvmirror.bwlimit import TokenBucket, estimate
 from lvmirror.encoder import Resume
@@ -173,31 +172,11 @@ class FileSource:
                 yield chunk
 
 
-class _IterFile(io.RawIOBase):
-    """A read-only file over an iterator of bytes blocks (to read a stream's header)."""
-
-    def __init__(self, blocks: Iterable[bytes]):
-        self.blocks = iter(blocks)
-        self.buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        while len(self.buf) < max(n, 1):
-            blk = next(self.blocks, None)
-            if blk is None:
-                break
-            self.buf += blk
-        out, self.buf = (self.buf, b"") if n < 0 else (self.buf[:n], self.buf[n:])
-        return out
-
-
 def stream_header(source: StreamSource) -> dict[str, Any]:
     """The verified HEADER of a stream source (its identity and delta id), reading only its start."""
     blocks = source.read_from(0)
     try:
-        first = next(iter(StreamReader(_IterFile(blocks))))
+        first = next(iter(StreamReader(BlocksFile(blocks))))
     except StreamError as e:
         raise CorruptDelta(f"the delta stream to send is unusable: {e}") from None
     finally:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from lvdeltafs.formats import overlay
-from lvdeltafs.formats.reader import StreamReader
+from lvdeltafs.formats.reader import BlocksFile, StreamReader
 from lvdeltafs.formats.stream import KIND_DATA, KIND_ZERO, StreamError, StreamLayout
 from lvdeltafs.fsio import pread_into, write_all
 from lvmirror.remote import faults
@@ -344,19 +345,22 @@ def stage_rewind(files: Files, state: dict[str, Any], entries: list[dict[str, An
     files.discard_staging()
     dest = files.dest
     fd = dest.folder.open(dest.staging_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+
+    def written() -> Iterator[bytes]:
         for block in layout.blocks(composed.read):
             write_all(fd, block)
+            yield block
+
+    # One pass: each block is staged as the verifier reads it; the progress record carries the verifier's
+    # state, as a received delta's does.  The apply verifies the staged file itself again (verify_staged).
+    try:
+        reader = StreamReader(BlocksFile(written()))
+        for _ in reader:
+            pass
         os.fsync(fd)
     finally:
         os.close(fd)
-    # Verify what was staged, as a received delta is: the progress record carries the verifier's state.
-    rfd = dest.folder.open(dest.staging_name, os.O_RDONLY)
-    with os.fdopen(rfd, "rb") as f:
-        reader = StreamReader(f)
-        for _ in reader:
-            pass
-        reader_state = reader.state()
+    reader_state = reader.state()
     progress = {"delta_id": delta_id, "identity": identity, "force": False, "verified": layout.size,
                 "complete": True, "stream_size": layout.size, "reader": reader_state, "updated": ""}
     files.write_progress(progress)
