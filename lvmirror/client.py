@@ -84,6 +84,7 @@ class Hello:
     replayed: str
     problem: str
     codecs: tuple[str, ...] = ()  # what the far side's python can decompress
+    history_problem: str = ""  # why the kept points cannot be read ("" if they can, or none are kept)
 
     @property
     def holds(self) -> str:
@@ -126,7 +127,7 @@ def parse_hello(doc: dict[str, Any]) -> Hello:
         return Hello(_text(doc, "dest"), _text(doc, "kind"), doc.get("exists") is True,
                      wire.int_field(doc, "size", what=what), state, recorded, _text(doc, "unknown"),
                      wire.str_field(doc, "token", what=what), staged, _text(doc, "replayed"),
-                     _text(doc, "problem"), _codecs(doc.get("codecs")))
+                     _text(doc, "problem"), _codecs(doc.get("codecs")), _text(doc, "history_problem"))
     except wire.ProtocolError as e:
         raise ConnectionProblem(str(e)) from None
 

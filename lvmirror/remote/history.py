@@ -30,7 +30,7 @@ from lvdeltafs.formats.stream import KIND_DATA, KIND_ZERO, StreamError, StreamLa
 from lvdeltafs.fsio import pread_into, write_all
 from lvmirror.remote import faults
 from lvmirror.remote.destination import Destination
-from lvmirror.remote.state import Files, unknown_reason
+from lvmirror.remote.state import Damaged, Files, unknown_reason
 from lvmirror.remote.wire import ProtocolError, StateError, delta_id_of, has_control, int_field
 
 NOSPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -99,6 +99,28 @@ def _entry_problem(files: Files, entry: Any, last: int, present: int | None) -> 
         return f"has generation {entry['generation']}, not before the present generation {present}"
     if entry["undo"] != undo_name(files, entry["generation"]):
         return f"names the file {entry['undo'][:80]!r}, not the one its generation gives"
+    return ""
+
+
+def problem(files: Files, state: dict[str, Any]) -> str:
+    """Why the state's history cannot be read ("" if it can): the list is damaged, or an undo file it
+    names is missing or not the size the state says (what `lvmirror status` lists as a problem)."""
+    try:
+        entries = points(files, state)
+    except Damaged as e:
+        return str(e)
+    for entry in entries:
+        where = files.dest.where(entry["undo"])
+        try:
+            st = files.dest.folder.stat(entry["undo"])
+        except OSError as e:
+            return f"the undo delta {where} of point {entry['generation']} cannot be read ({e.strerror})"
+        if st is None:
+            return (f"the undo delta {where} of point {entry['generation']} is missing; that point and "
+                    "older ones cannot be composed")
+        if st.st_size != entry["undo_bytes"]:
+            return (f"the undo delta {where} of point {entry['generation']} is {st.st_size} bytes, not the "
+                    f"{entry['undo_bytes']} the state says; that point and older ones cannot be composed")
     return ""
 
 
