@@ -205,6 +205,9 @@ class ReceiverClient:
         self.on_close = on_close
         self.diagnostics = diagnostics
         self.bytes_sent = 0  # stream bytes sent by the last send_delta
+        # Stream bytes of the deltas this session sent that the far side already held verified (from an
+        # interrupted run), so were not sent again.
+        self.resumed_bytes = 0
         self.closed = False
         self.limit: TokenBucket | None = None
         self.local = False  # a pipe to a local receiver (set by lvmirror.transports): never a slow link
@@ -282,6 +285,7 @@ class ReceiverClient:
         if staged is not None and staged.delta_id == delta_id:
             if staged.complete:
                 self.bytes_sent = 0
+                self.resumed_bytes += staged.verified
                 return {"ok": True, "verified": staged.verified, "complete": True, "received": 0,
                         "delta_id": delta_id}
             offset = staged.verified
@@ -301,6 +305,7 @@ class ReceiverClient:
                 raise ConnectionProblem(f"{what}: {e}") from None
             if resume.position != start:
                 raise ConnectionProblem(f"{what}: it holds byte {start}, its state says {resume.position}")
+            self.resumed_bytes += start
         return self._stream_bulk(source, start, resume, progress)
 
     def _stream_bulk(self, source: StreamSource, offset: int, resume: Resume | None,

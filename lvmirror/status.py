@@ -172,8 +172,10 @@ def run_lines(st: VolumeStatus) -> list[str]:
     good = st.runs.last_success
     if good is not None:
         gen = "" if good.generation is None else f", generation {good.generation}"
+        held = (f" (and {human(good.resumed_bytes)} of a delta the destination held from an interrupted run)"
+                if good.resumed_bytes else "")
         lines.append(f"  last success:  {good.action or good.command} at {when(good.finished)}, took "
-                     f"{format_duration(good.duration)}, sent {human(good.bytes_sent)}{gen}")
+                     f"{format_duration(good.duration)}, sent {human(good.bytes_sent)}{held}{gen}")
         saved = savings(good)
         if saved:
             lines.append(f"  its data:      {saved}")
