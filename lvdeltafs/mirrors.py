@@ -41,8 +41,9 @@ from lvdeltafs.formats.stream import StreamError
 from lvdeltafs.formats.undofiles import UndoFiles
 from lvdeltafs.fsio import UnsafePath
 from lvdeltafs.replies import VfsError
+from lvmirror.remote import history as receiver_history
 from lvmirror.remote.destination import DEFAULT_STATE_DIR, Destination
-from lvmirror.remote.state import Files, unknown_reason
+from lvmirror.remote.state import Damaged, Files, unknown_reason
 from lvmirror.remote.wire import RemoteError
 
 log = logging.getLogger(__name__)
@@ -83,52 +84,29 @@ class BadHistory(Exception):
     """A state whose history cannot be trusted: the mirror shows no points."""
 
 
-def undo_name(dest: Destination, generation: int) -> str:
-    """The file name docs/history.md gives the undo delta of point ``generation`` (the receiver's rule)."""
-    return f"{dest.undo_prefix}{generation}"
-
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int and v >= 0
-
-
-def check_history(dest: Destination, state: dict[str, Any]) -> tuple[Point, ...]:
-    """The state's ``history`` as points; BadHistory naming the first entry that is not as written."""
-    entries = state.get("history")
-    if entries is None:
-        return ()
-    if not isinstance(entries, list):
-        raise BadHistory("its history is not a list")
-    current = state.get("generation")
-    points: list[Point] = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise BadHistory(f"history entry {i} is not an object")
-        gen, size, undo = e.get("generation"), e.get("size"), e.get("undo")
-        if not _is_int(gen) or not _is_int(size):
-            raise BadHistory(f"history entry {i}: generation and size must be whole numbers")
-        if undo != undo_name(dest, gen):
-            raise BadHistory(f"history entry {i}: its undo file must be {undo_name(dest, gen)!r}, "
-                             f"not {str(undo)[:80]!r}")
-        if points and gen <= points[-1].generation:
-            raise BadHistory(f"history entry {i}: generation {gen} is not after {points[-1].generation}")
-        if _is_int(current) and gen >= current:
-            raise BadHistory(f"history entry {i}: generation {gen} is not before the present {current}")
-        ub = e.get("undo_bytes")
-        when = e.get("synced_epoch")
-        ok_when = isinstance(when, int | float) and not isinstance(when, bool) and math.isfinite(when)
-        mtime = int(when * 1e9) if ok_when and 0 <= when < 1e11 else 0
-        points.append(Point(gen, size, undo, ub if _is_int(ub) else None, mtime))
-    return tuple(points)
+def check_history(files: Files, state: dict[str, Any]) -> tuple[Point, ...]:
+    """The state's ``history`` as points, checked by the receiver's own rules (one place for them:
+    :func:`lvmirror.remote.history.points`); BadHistory naming the first entry that is not as written."""
+    try:
+        entries = receiver_history.points(files, state)
+    except Damaged as e:
+        raise BadHistory(str(e)) from None
+    out: list[Point] = []
+    for e in entries:
+        when = e["synced_epoch"]
+        mtime = int(when * 1e9) if math.isfinite(when) and 0 <= when < 1e11 else 0
+        out.append(Point(e["generation"], e["size"], e["undo"], e["undo_bytes"], mtime))
+    return tuple(out)
 
 
 def read_history(dest: Destination) -> History:
     """The mirror's points as its state says now; BadHistory if the state cannot be trusted."""
     try:
-        state = Files(dest).state()
+        files = Files(dest)
+        state = files.state()
         if not state:
             return NO_HISTORY
-        points = check_history(dest, state)
+        points = check_history(files, state)
         if not points:
             return NO_HISTORY
         if state.get("applying") is not None:

@@ -9,7 +9,6 @@ errors the receiver reports as the project's exception classes.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +25,7 @@ from lvdeltafs.errors import (
     Refused,
     UnsupportedFormat,
 )
-from lvdeltafs.formats.reader import StreamReader
+from lvdeltafs.formats.reader import BlocksFile, StreamReader
 from lvdeltafs.formats.stream import StreamError
 from lvmirror.bwlimit import TokenBucket, estimate
 from lvmirror.encoder import Resume
@@ -85,6 +84,7 @@ class Hello:
     replayed: str
     problem: str
     codecs: tuple[str, ...] = ()  # what the far side's python can decompress
+    history_problem: str = ""  # why the kept points cannot be read ("" if they can, or none are kept)
 
     @property
     def holds(self) -> str:
@@ -127,7 +127,7 @@ def parse_hello(doc: dict[str, Any]) -> Hello:
         return Hello(_text(doc, "dest"), _text(doc, "kind"), doc.get("exists") is True,
                      wire.int_field(doc, "size", what=what), state, recorded, _text(doc, "unknown"),
                      wire.str_field(doc, "token", what=what), staged, _text(doc, "replayed"),
-                     _text(doc, "problem"), _codecs(doc.get("codecs")))
+                     _text(doc, "problem"), _codecs(doc.get("codecs")), _text(doc, "history_problem"))
     except wire.ProtocolError as e:
         raise ConnectionProblem(str(e)) from None
 
@@ -173,31 +173,11 @@ class FileSource:
                 yield chunk
 
 
-class _IterFile(io.RawIOBase):
-    """A read-only file over an iterator of bytes blocks (to read a stream's header)."""
-
-    def __init__(self, blocks: Iterable[bytes]):
-        self.blocks = iter(blocks)
-        self.buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        while len(self.buf) < max(n, 1):
-            blk = next(self.blocks, None)
-            if blk is None:
-                break
-            self.buf += blk
-        out, self.buf = (self.buf, b"") if n < 0 else (self.buf[:n], self.buf[n:])
-        return out
-
-
 def stream_header(source: StreamSource) -> dict[str, Any]:
     """The verified HEADER of a stream source (its identity and delta id), reading only its start."""
     blocks = source.read_from(0)
     try:
-        first = next(iter(StreamReader(_IterFile(blocks))))
+        first = next(iter(StreamReader(BlocksFile(blocks))))
     except StreamError as e:
         raise CorruptDelta(f"the delta stream to send is unusable: {e}") from None
     finally:
@@ -225,6 +205,9 @@ class ReceiverClient:
         self.on_close = on_close
         self.diagnostics = diagnostics
         self.bytes_sent = 0  # stream bytes sent by the last send_delta
+        # Stream bytes of the deltas this session sent that the far side already held verified (from an
+        # interrupted run), so were not sent again.
+        self.resumed_bytes = 0
         self.closed = False
         self.limit: TokenBucket | None = None
         self.local = False  # a pipe to a local receiver (set by lvmirror.transports): never a slow link
@@ -302,6 +285,7 @@ class ReceiverClient:
         if staged is not None and staged.delta_id == delta_id:
             if staged.complete:
                 self.bytes_sent = 0
+                self.resumed_bytes += staged.verified
                 return {"ok": True, "verified": staged.verified, "complete": True, "received": 0,
                         "delta_id": delta_id}
             offset = staged.verified
@@ -321,6 +305,7 @@ class ReceiverClient:
                 raise ConnectionProblem(f"{what}: {e}") from None
             if resume.position != start:
                 raise ConnectionProblem(f"{what}: it holds byte {start}, its state says {resume.position}")
+            self.resumed_bytes += start
         return self._stream_bulk(source, start, resume, progress)
 
     def _stream_bulk(self, source: StreamSource, offset: int, resume: Resume | None,

@@ -44,6 +44,9 @@ FAMILIES: dict[str, str] = {
         "When the last successful init or sync of the volume finished (Unix time; 0: none recorded).",
     "lvmirror_last_success_duration_seconds": "How long the last successful init or sync took.",
     "lvmirror_last_success_sent_bytes": "Data bytes the last successful init or sync sent (zeros cost none).",
+    "lvmirror_last_success_resumed_bytes":
+        "Stream bytes the last successful init or sync did not send again: the destination held them "
+        "verified from an interrupted run.",
     "lvmirror_last_success_marked_bytes":
         "Data bytes the snapshot marked changed for the last successful init or sync (before exact).",
     "lvmirror_last_success_differed_bytes":
@@ -136,6 +139,7 @@ def _collect_one(vol: VolumeConfig, dest: Labels, add: Callable[..., None], spac
     if good is not None:
         add("lvmirror_last_success_duration_seconds", name, good.duration, *dest)
         add("lvmirror_last_success_sent_bytes", name, good.bytes_sent, *dest)
+        add("lvmirror_last_success_resumed_bytes", name, good.resumed_bytes, *dest)
         add("lvmirror_last_success_marked_bytes", name, good.marked_bytes, *dest)
         add("lvmirror_last_success_differed_bytes", name, good.differed_bytes, *dest)
         add("lvmirror_last_success_wire_bytes", name, good.wire_bytes, *dest)

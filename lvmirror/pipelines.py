@@ -65,6 +65,9 @@ class Outcome:
     marked_bytes: int | None = None  # data bytes the snapshot's metadata marked changed (before exact)
     differed_bytes: int | None = None  # of those, what differed from the base and was sent as data
     wire_bytes: int | None = None  # what those data bytes took in the stream, after compression
+    # Stream bytes the far side already held verified from an interrupted run, so not sent again (of this
+    # run's delta, or of the one it resumed first).
+    resumed_bytes: int = 0
 
     def summary(self) -> str:
         verb = "would send" if self.dry_run else "sent"
@@ -190,6 +193,7 @@ def send(client: ReceiverClient, delta: Delta, label: str, *, force: bool = Fals
         spool.forget(spool_dir, delta_id)
     if outcome is not None:
         note_savings(outcome, delta, source)
+        outcome.resumed_bytes = client.resumed_bytes  # this session's: a delta resumed before this one too
     return reply
 
 

@@ -192,7 +192,12 @@ def _copy(client: ReceiverClient, gen: int | None, ranges: list[tuple[int, int]]
             if head.get("bytes") != total:
                 raise ConnectionProblem(f"the {client.where} announced {head.get('bytes')!r} bytes for a "
                                         f"read of {total}")
-            data = memoryview(client.read_frames(total, "the point's bytes"))
+            try:
+                # All of a read before any of it is written: a far side that sends more than it announced
+                # (or goes away) is refused with nothing of that read on the LV.
+                data = memoryview(client.read_frames(total, "the point's data"))
+            except ConnectionProblem as e:
+                raise ConnectionProblem(f"{e}; nothing of that read was written") from None
             pos = 0
             for off, n in batch:
                 written += _write_differing(fd, off, data[pos:pos + n])

@@ -42,8 +42,8 @@ MAX_FILE = 64 * 1024  # a record is well under 2 KiB
 MAX_TEXT = 600  # an error message is one line; longer ones are cut
 MAX_EPOCH = 1 << 40  # past the year 30000: a damaged number, not a time
 JSON_ORDER = ("command", "action", "started", "finished", "duration", "exit_code", "ok", "error",
-              "bytes_sent", "generation", "snapshot", "base_cow_percent", "read_bytes", "marked_bytes",
-              "differed_bytes", "wire_bytes")
+              "bytes_sent", "resumed_bytes", "generation", "snapshot", "base_cow_percent", "read_bytes",
+              "marked_bytes", "differed_bytes", "wire_bytes")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class Run:
     error: str = ""  # the one-line message of a failure
     action: str = ""  # what the pipeline did: init, sync, resync (a compare), repair, check
     bytes_sent: int = 0  # data bytes sent (zero ranges cost none)
+    # Stream bytes the far side already held verified from an interrupted run, not sent again (0: none, or
+    # an older record).
+    resumed_bytes: int = 0
     generation: int | None = None  # the destination's generation after the run, if it applied one
     snapshot: str = ""  # the snapshot the destination holds after it (LVUUID@time)
     base_cow_percent: float | None = None  # a classic base's COW use as a sync found it
@@ -163,6 +166,7 @@ def _run(doc: Any, key: str) -> Run | None:
         error=_text(doc, key, "error"),
         action=_text(doc, key, "action"),
         bytes_sent=_int(doc, key, "bytes_sent", 1 << 62),
+        resumed_bytes=0 if doc.get("resumed_bytes") is None else _int(doc, key, "resumed_bytes", 1 << 62),
         generation=None if doc.get("generation") is None else _int(doc, key, "generation", 1 << 62),
         snapshot=_text(doc, key, "snapshot"),
         base_cow_percent=(None if doc.get("base_cow_percent") is None
@@ -238,7 +242,8 @@ class Recording:
 
     def outcome(self, out: Outcome) -> None:
         """What a pipeline did: its action, bytes, the generation and snapshot the destination now holds."""
-        self.run = replace(self.run, action=out.action, bytes_sent=out.data_bytes, generation=out.generation,
+        self.run = replace(self.run, action=out.action, bytes_sent=out.data_bytes,
+                           resumed_bytes=out.resumed_bytes, generation=out.generation,
                            snapshot=out.target, base_cow_percent=out.base_cow_percent,
                            read_bytes=out.source_bytes_read, marked_bytes=out.marked_bytes,
                            differed_bytes=out.differed_bytes, wire_bytes=out.wire_bytes)

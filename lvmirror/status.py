@@ -73,6 +73,9 @@ def status(vol: VolumeConfig) -> VolumeStatus:
         for problem in (greeting.problem, greeting.unknown):
             if problem:
                 st.problems.append(problem)
+        unreadable = greeting.history_problem or _points_problem(greeting.state, client.where)
+        if unreadable:
+            st.problems.append(f"its history cannot be read: {unreadable}")
         if greeting.staged is not None:
             staged = greeting.staged
             st.problems.append(f"a delta to {staged.target} is staged, {staged.verified} bytes verified; "
@@ -169,8 +172,10 @@ def run_lines(st: VolumeStatus) -> list[str]:
     good = st.runs.last_success
     if good is not None:
         gen = "" if good.generation is None else f", generation {good.generation}"
+        held = (f" (and {human(good.resumed_bytes)} of a delta the destination held from an interrupted run)"
+                if good.resumed_bytes else "")
         lines.append(f"  last success:  {good.action or good.command} at {when(good.finished)}, took "
-                     f"{format_duration(good.duration)}, sent {human(good.bytes_sent)}{gen}")
+                     f"{format_duration(good.duration)}, sent {human(good.bytes_sent)}{held}{gen}")
         saved = savings(good)
         if saved:
             lines.append(f"  its data:      {saved}")
@@ -258,6 +263,17 @@ def points_summary(state: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {"count": len(points), "oldest_generation": points[0].generation if points else None,
             "undo_bytes": sum(p.undo_bytes for p in points)}
+
+
+def _points_problem(state: dict[str, Any], where: str) -> str:
+    """Why the points the far side reports cannot be read here ("" if they can)."""
+    from lvdeltafs.errors import BadInput
+    from lvmirror.points import parse_points
+    try:
+        parse_points(state, where)
+    except BadInput as e:
+        return str(e)
+    return ""
 
 
 def _run_json(run: runlog.Run | None) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -320,3 +320,23 @@ def verify_stream(fileobj: BinaryIO) -> StreamSummary:
     for _ in reader:
         pass
     return reader.summary()
+
+
+class BlocksFile:
+    """A read-only file over an iterator of bytes blocks: a stream as it is made, read by a StreamReader."""
+
+    def __init__(self, blocks: Iterable[bytes]):
+        self.blocks = iter(blocks)
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < max(n, 1):
+            blk = next(self.blocks, None)
+            if blk is None:
+                break
+            self.buf += blk
+        out, self.buf = (self.buf, b"") if n < 0 else (self.buf[:n], self.buf[n:])
+        return out

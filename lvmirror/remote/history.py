@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from lvdeltafs.formats import overlay
-from lvdeltafs.formats.reader import StreamReader
+from lvdeltafs.formats.reader import BlocksFile, StreamReader
 from lvdeltafs.formats.stream import KIND_DATA, KIND_ZERO, StreamError, StreamLayout
 from lvdeltafs.fsio import pread_into, write_all
 from lvmirror.remote import faults
 from lvmirror.remote.destination import Destination
-from lvmirror.remote.state import Files, unknown_reason
+from lvmirror.remote.state import Damaged, Files, unknown_reason
 from lvmirror.remote.wire import ProtocolError, StateError, delta_id_of, has_control, int_field
 
 NOSPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -64,20 +65,23 @@ class Keep:
 
 
 def points(files: Files, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The state's history, each entry checked; a bad one makes the state damaged."""
+    """The state's history, each entry checked; a bad one makes the state damaged.
+
+    The one check of the list: the receiver's and the mount's (lvdeltafs.mirrors) alike."""
     raw = state.get("history") or []
     if not isinstance(raw, list):
         raise files.damaged(files.dest.state_name, "history is not a list")
+    present = state.get("generation")
     last = -1
     for entry in raw:
-        why = _entry_problem(files, entry, last)
+        why = _entry_problem(files, entry, last, present if type(present) is int else None)
         if why:
             raise files.damaged(files.dest.state_name, f"a history entry {why}")
         last = entry["generation"]
     return raw
 
 
-def _entry_problem(files: Files, entry: Any, last: int) -> str:
+def _entry_problem(files: Files, entry: Any, last: int, present: int | None) -> str:
     if not isinstance(entry, dict) or set(entry) != _POINT_KEYS:
         return f"must hold exactly {', '.join(sorted(_POINT_KEYS))}"
     try:
@@ -91,8 +95,32 @@ def _entry_problem(files: Files, entry: Any, last: int) -> str:
         return "has a time that is not a number"
     if entry["generation"] <= last:
         return "is out of order"
+    if present is not None and entry["generation"] >= present:
+        return f"has generation {entry['generation']}, not before the present generation {present}"
     if entry["undo"] != undo_name(files, entry["generation"]):
         return f"names the file {entry['undo'][:80]!r}, not the one its generation gives"
+    return ""
+
+
+def problem(files: Files, state: dict[str, Any]) -> str:
+    """Why the state's history cannot be read ("" if it can): the list is damaged, or an undo file it
+    names is missing or not the size the state says (what `lvmirror status` lists as a problem)."""
+    try:
+        entries = points(files, state)
+    except Damaged as e:
+        return str(e)
+    for entry in entries:
+        where = files.dest.where(entry["undo"])
+        try:
+            st = files.dest.folder.stat(entry["undo"])
+        except OSError as e:
+            return f"the undo delta {where} of point {entry['generation']} cannot be read ({e.strerror})"
+        if st is None:
+            return (f"the undo delta {where} of point {entry['generation']} is missing; that point and "
+                    "older ones cannot be composed")
+        if st.st_size != entry["undo_bytes"]:
+            return (f"the undo delta {where} of point {entry['generation']} is {st.st_size} bytes, not the "
+                    f"{entry['undo_bytes']} the state says; that point and older ones cannot be composed")
     return ""
 
 
@@ -339,19 +367,22 @@ def stage_rewind(files: Files, state: dict[str, Any], entries: list[dict[str, An
     files.discard_staging()
     dest = files.dest
     fd = dest.folder.open(dest.staging_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
+
+    def written() -> Iterator[bytes]:
         for block in layout.blocks(composed.read):
             write_all(fd, block)
+            yield block
+
+    # One pass: each block is staged as the verifier reads it; the progress record carries the verifier's
+    # state, as a received delta's does.  The apply verifies the staged file itself again (verify_staged).
+    try:
+        reader = StreamReader(BlocksFile(written()))
+        for _ in reader:
+            pass
         os.fsync(fd)
     finally:
         os.close(fd)
-    # Verify what was staged, as a received delta is: the progress record carries the verifier's state.
-    rfd = dest.folder.open(dest.staging_name, os.O_RDONLY)
-    with os.fdopen(rfd, "rb") as f:
-        reader = StreamReader(f)
-        for _ in reader:
-            pass
-        reader_state = reader.state()
+    reader_state = reader.state()
     progress = {"delta_id": delta_id, "identity": identity, "force": False, "verified": layout.size,
                 "complete": True, "stream_size": layout.size, "reader": reader_state, "updated": ""}
     files.write_progress(progress)

@@ -140,7 +140,8 @@ class Session:
                 "kind": self.dest.kind, "exists": self.dest.exists(), "size": self.dest.size(),
                 "state": state, "recorded": recorded, "unknown": unknown, "token": self.dest.token(),
                 "staged": self.staged(), "codecs": codecs.available(),
-                "replayed": self.replayed, "problem": self.problem, "paths": self.dest.paths()}
+                "replayed": self.replayed, "problem": self.problem, "paths": self.dest.paths(),
+                "history_problem": history.problem(self.files, state) if state else ""}
 
     def check_base(self, identity: dict[str, Any], delta_id: str, force: bool) -> None:
         if force:

@@ -117,6 +117,22 @@ def test_a_hand_edited_history_is_a_damaged_state_and_changes_nothing(tmp_path: 
     assert sha_file(dest) == before and (tmp_path / "mirror.img.lvmirror-state").exists()
 
 
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_point_not_before_the_present_generation_is_a_damaged_state(tmp_path: Path, ahead: int):
+    dest = tmp_path / "mirror.img"
+    sync_all(dest, versions(4))
+    doc = state(dest)
+    newest = doc["history"][-1]
+    gen = doc["generation"] + ahead
+    os.rename(tmp_path / newest["undo"], tmp_path / f"mirror.img.lvmirror-undo-{gen}")
+    newest.update(generation=gen, undo=f"mirror.img.lvmirror-undo-{gen}")
+    Path(f"{dest}.lvmirror-state").write_text(json.dumps(doc))
+    before = sha_file(dest)
+    with LocalTransport(str(dest)) as rc, pytest.raises(LvError, match="damaged.*not before the present"):
+        rc.rewind(doc["history"][0]["generation"])
+    assert sha_file(dest) == before
+
+
 def test_a_damaged_undo_delta_refuses_the_rewind_and_changes_nothing(tmp_path: Path):
     dest = tmp_path / "mirror.img"
     vs = versions(4)
@@ -195,3 +211,42 @@ def test_retention_by_count_age_and_size_drops_the_oldest_first():
     assert gens(Keep(7, age=2500)) == [3, 4, 5]  # synced 2000 s or less ago
     assert gens(Keep(7, size=900)) == [4, 5]  # 400 + 500 bytes
     assert gens(Keep(2, age=10_000, size=10_000)) == [4, 5]
+
+
+def test_a_rewind_stages_its_delta_in_one_pass_with_the_verifier_state_of_the_staged_file(tmp_path: Path):
+    from lvdeltafs.formats.reader import StreamReader
+    from lvmirror.remote import history
+    from lvmirror.remote.destination import Destination
+    from lvmirror.remote.state import Files
+
+    dest = tmp_path / "mirror.img"
+    sync_all(dest, versions(3))
+    files = Files(Destination(str(dest)))
+    st = files.state()
+    entries = history.rewind_layers(files, st, st["history"][0]["generation"])
+    folder, opened = files.dest.folder, []
+    real_open = folder.open
+
+    def open_(name, flags, *a, **kw):
+        opened.append((name, flags & os.O_ACCMODE))
+        return real_open(name, flags, *a, **kw)
+
+    folder.open = open_  # type: ignore[method-assign]
+    base_fd = os.open(dest, os.O_RDONLY)
+    try:
+        made, fds = history.compose(files, base_fd, entries)
+        try:
+            progress = history.stage_rewind(files, st, entries, made)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.close(base_fd)
+    staged = [f for n, f in opened if n == files.dest.staging_name]
+    assert staged == [os.O_WRONLY], "the staged stream is written once and not read back"
+    with open(tmp_path / files.dest.staging_name, "rb") as f:
+        reader = StreamReader(f)
+        for _ in reader:
+            pass
+    assert progress["reader"] == reader.state()
+    assert progress["verified"] == reader.pos == progress["stream_size"]

@@ -90,3 +90,21 @@ def test_a_repair_keeps_the_history_and_its_points_compose_after_it(tmp_path, mo
     assert [e["generation"] for e in st["history"]] == [3, 4, 5]
     for e in st["history"]:
         assert sha(composed(dest, e["generation"])) == held[e["generation"]]
+
+
+def test_status_shows_a_history_that_cannot_be_read_as_a_problem(tmp_path, monkeypatch):
+    fake, cfg, dest = history_setup(tmp_path, monkeypatch)
+    five_syncs(fake, cfg, dest)
+    assert "problem:" not in lvmirror(cfg, "status")
+    st = state(dest)
+    (tmp_path / st["history"][1]["undo"]).unlink()
+    out = lvmirror(cfg, "status", expect=1)
+    assert "  problem:       its history cannot be read: the undo delta" in out
+    assert "of point 4 is missing" in out
+    doc = json.loads(lvmirror(cfg, "status", "--json", expect=1))
+    assert any("of point 4 is missing" in p for p in doc["volumes"][0]["problems"])
+    # A hand-edited entry: the state is damaged.
+    st["history"][0]["extra"] = 1
+    (tmp_path / "mirror.img.lvmirror-state").write_text(json.dumps(st))
+    out = lvmirror(cfg, "status", expect=1)
+    assert "problem:       its history cannot be read:" in out and "is damaged (a history entry" in out

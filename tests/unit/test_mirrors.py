@@ -131,7 +131,7 @@ def test_a_point_undo_directory_is_a_delta_directory_that_verifies(mirror, tmp_p
 @pytest.mark.parametrize("bad", [
     {"generation": "2"}, {"generation": -1}, {"generation": True}, {"size": 1.5}, {"size": None},
     {"undo": "../data.img.lvmirror-undo-2"}, {"undo": "data.img.lvmirror-undo-3"}, {"undo": "/etc/shadow"},
-    {"generation": 99},
+    {"generation": 99}, {"snapshot": "a\x1b[2Jb"}, {"extra": 1},  # the receiver's rules, checked by its code
 ])
 def test_a_bad_history_entry_hides_the_points_with_one_warning(mirror, bad, caplog):
     image, kept = mirror
@@ -156,6 +156,14 @@ def test_a_history_that_is_no_list_or_out_of_order_hides_the_points(mirror):
         fs = make_fs(image)
         assert names(fs, "@mirrors/data") == []
         fs.close()
+
+
+def test_a_point_not_before_the_present_generation_hides_the_points(mirror):
+    image, kept = mirror
+    write_state(image, max(SIZES), [history_entry(image, k) for k in kept])  # the newest point is the present
+    fs = make_fs(image)
+    assert names(fs, "@mirrors/data") == []
+    fs.close()
 
 
 def test_a_damaged_undo_delta_is_eio_for_the_points_that_need_it_only(mirror, caplog):

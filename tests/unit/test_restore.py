@@ -5,9 +5,16 @@ that point, and an LV that is open, of the wrong size, missing or a snapshot is 
 
 from __future__ import annotations
 
+import io
+import json
+import os
+
 import pytest
 
+from lvdeltafs.errors import EXIT_CONNECTION, ConnectionProblem
 from lvmirror import restore as restoring
+from lvmirror.client import ReceiverClient
+from lvmirror.remote import wire
 from tests.fakelvm import lvmirror
 from tests.harness import sha, sha_file, text
 from tests.historykit import SIZE, five_syncs, history_setup, state
@@ -120,3 +127,38 @@ def _figure(out: str, verb: str) -> int:
     m = re.search(rf"{verb} ([0-9.]+) (B|KiB|MiB|GiB)", out)
     assert m, out
     return int(float(m.group(1)) * units[m.group(2)])
+
+
+# ---- a far side that sends more than it announced (a hand-written one: the real receiver never does)
+
+
+def _far_side(*replies: tuple[dict, list[bytes]]) -> io.BytesIO:
+    """What a far side sends: for each request, its reply line, then its frames and the end frame."""
+    out = bytearray()
+    for reply, frames in replies:
+        out += json.dumps(reply).encode() + b"\n"
+        for frame in frames:
+            out += wire.FRAME.pack(len(frame)) + frame
+        out += wire.FRAME.pack(0)
+    return io.BytesIO(bytes(out))
+
+
+@pytest.mark.parametrize("extra", [b"!", bytes(4096)])
+def test_read_bytes_beyond_what_was_announced_are_refused_and_never_written(tmp_path, monkeypatch, extra):
+    monkeypatch.setattr(restoring, "BATCH_BYTES", 8192)  # two reads: one honest, then one that sends more
+    target = tmp_path / "lv"
+    target.write_bytes(bytes(16384))
+    honest = ({"ok": True, "bytes": 8192}, [b"a" * 4096, b"b" * 4096])
+    greedy = ({"ok": True, "bytes": 8192}, [b"c" * 4096, b"d" * 4096 + extra])
+    client = ReceiverClient(_far_side(honest, greedy), io.BytesIO(), where="receiver")
+    fd = os.open(target, os.O_RDWR)
+    try:
+        with pytest.raises(ConnectionProblem) as err:
+            restoring._copy(client, 4, [(0, 16384)], fd)
+    finally:
+        os.close(fd)
+    assert err.value.exit_code == EXIT_CONNECTION
+    assert str(err.value) == ("the receiver sent more than the 8192 bytes of the point's data it announced; "
+                              "nothing of that read was written")
+    # The honest read was written; nothing of the one that sent more, not even its announced part.
+    assert target.read_bytes() == b"a" * 4096 + b"b" * 4096 + bytes(8192)

@@ -96,8 +96,38 @@ def test_an_older_record_without_the_fields_still_reads(tmp_path):
     runlog.record("web", work, run("sync", action="sync", bytes_sent=5))
     path = tmp_path / "work" / "runs" / "web.json"
     doc = json.loads(path.read_text())
-    for key in ("marked_bytes", "differed_bytes", "wire_bytes"):
+    for key in ("marked_bytes", "differed_bytes", "wire_bytes", "resumed_bytes"):
         del doc["last_run"][key]
     path.write_text(json.dumps(doc))
     runs = runlog.read("web", work)
     assert not runs.problem and runs.last_run.marked_bytes is None and runs.last_run.bytes_sent == 5
+    assert runs.last_run.resumed_bytes == 0
+
+
+def test_a_run_that_finishes_an_interrupted_delta_records_what_it_did_not_send_again(tmp_path, monkeypatch):
+    fake, cfg, dest = faked_volume(tmp_path, monkeypatch, compress="off")
+    lvmirror(cfg, "init", "data")
+    fake.write(MiB, text(2 * MiB, 3))
+    # The receiver dies writing the sync's undo delta: the whole stream is staged, nothing applied yet.
+    monkeypatch.setenv("LVMIRROR_TEST_KILL_AT", "undo:1")
+    lvmirror(cfg, "sync", "data", expect=8)
+    monkeypatch.delenv("LVMIRROR_TEST_KILL_AT")
+    progress = json.loads((tmp_path / "mirror.img.lvmirror-staging.progress").read_text())
+    assert progress["complete"] and progress["verified"] > 2 * MiB
+    # The next run finishes that delta (nothing of it sent again), then syncs what changed since: nothing.
+    lvmirror(cfg, "sync", "data")
+    assert sha_file(dest) == sha(fake.read())
+    record = json.loads((tmp_path / "work" / "runs" / "data.json").read_text())["last_success"]
+    assert record["bytes_sent"] == 0 and record["resumed_bytes"] == progress["verified"]
+    doc = json.loads(lvmirror(cfg, "status", "--json"))
+    assert doc["volumes"][0]["last_run"]["resumed_bytes"] == progress["verified"]
+    assert "of a delta the destination held from an interrupted run" in lvmirror(cfg, "status")
+    fams = parse_exposition((tmp_path / "node" / "lvmirror.prom").read_text())
+    fam = fams["lvmirror_last_success_resumed_bytes"]
+    assert fam["type"] == "gauge" and fam["help"]
+    assert fam["samples"] == {(("volume", "data"),): float(progress["verified"])}
+    # A sync that resumes nothing records 0.
+    fake.write(0, text(MiB, 4))
+    lvmirror(cfg, "sync", "data")
+    last = json.loads((tmp_path / "work" / "runs" / "data.json").read_text())["last_run"]
+    assert last["ok"] and last["resumed_bytes"] == 0
