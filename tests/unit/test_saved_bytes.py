@@ -91,9 +91,8 @@ def test_an_init_records_what_it_read_and_sent(tmp_path, monkeypatch):
 
 def test_an_older_record_without_the_fields_still_reads(tmp_path):
     from lvmirror import runlog
-    from tests.unit.test_monitoring import run
     work = str(tmp_path / "work")
-    runlog.record("web", work, run("sync", action="sync", bytes_sent=5))
+    runlog.record("web", work, runlog.Run("sync", 990.0, 1000.0, 10.0, 0, action="sync", bytes_sent=5))
     path = tmp_path / "work" / "runs" / "web.json"
     doc = json.loads(path.read_text())
     for key in ("marked_bytes", "differed_bytes", "wire_bytes", "resumed_bytes"):
