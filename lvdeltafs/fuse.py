@@ -14,6 +14,7 @@ pyfuse3 facts this follows (see the project's pyfuse3 reference):
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -46,6 +47,14 @@ READ_THREADS = 8
 READ_AHEAD_KB = 4096
 BLKSIZE = 1 << 20  # cat and cp size their read() calls from st_blksize
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# glibc's malloc, left to itself, hands a freed 1 MiB read buffer back to the kernel (munmap, or
+# a trim of the heap's top once 2 MiB are free there), so the next read's buffer is fresh pages,
+# each zeroed in a page fault: measured, keeping them halves the time of `cat delta`.  Fixed
+# thresholds keep request-sized buffers on the heap for reuse.  Bound: each malloc arena (one per
+# thread at most: READ_THREADS + 1) keeps at most MALLOC_TRIM_THRESHOLD free at its top.
+MALLOC_MMAP_THRESHOLD = 4 << 20
+MALLOC_TRIM_THRESHOLD = 8 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 
 
 def _handler(fn: Callable) -> Callable:
@@ -237,6 +246,16 @@ def tune_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
         log.debug("cannot set %s (%s): reads stay at the default request size", path, e.strerror)
 
 
+def keep_read_buffers() -> None:
+    """Set MALLOC_MMAP_THRESHOLD and MALLOC_TRIM_THRESHOLD (glibc only; elsewhere nothing)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+
+
 async def _serve() -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*SIGNALS) as signals:
@@ -260,6 +279,7 @@ def serve(fs: Vfs, mountpoint: str, *, allow_other: bool = False, debug: bool = 
           on_ready: Callable[[], None] | None = None) -> None:
     """Mount ``fs`` at ``mountpoint`` and serve until unmounted or signalled; always unmounts."""
     ops = Operations(fs, read_threads, after_init=lambda: tune_read_ahead(mountpoint, read_ahead_kb))
+    keep_read_buffers()
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     pyfuse3.init(ops, mountpoint, mount_options(allow_other, debug))
     try:
