@@ -281,7 +281,10 @@ class DeltaFile(Node):
             fs.cache.release(entry)
             raise
         pread = checked_pread(fs.cache, entry, view.pread) if self.spec.watch else view.pread
-        return Handle(pread, lambda: fs.cache.release(entry), view.size)
+        # `data` answers reads of unchanged regions without I/O, but an image pair's reads must
+        # each stat the images (checked_pread), which is I/O: those go to a worker thread.
+        quick = None if self.spec.watch else getattr(view, "unchanged", None)
+        return Handle(pread, lambda: fs.cache.release(entry), view.size, quick)
 
 
 @dataclass
@@ -291,6 +294,9 @@ class Handle:
     pread: Callable[[int, int], bytes]
     on_close: Callable[[], None] = lambda: None
     size: int = 0
+    # A read answered without I/O (bytes), or None for "use pread": the FUSE adapter calls it
+    # on its own thread, sparing the hand-off to a worker thread and back.
+    quick: Callable[[int, int], bytes | None] | None = None
 
 
 def _bytes_reader(content: bytes) -> Callable[[int, int], bytes]:

@@ -122,6 +122,20 @@ class DataView:
             parts.append(_zeros_view(end - pos))
         return b"".join(parts)
 
+    def unchanged(self, offset: int, length: int) -> bytes | None:
+        """The read's bytes if it touches no changed run (zeros, known without I/O), else None.
+
+        The FUSE adapter answers such a read at once, not through a worker thread.
+        """
+        start, end = _span(offset, length, self.size)
+        if start >= end:
+            return b""
+        dx = self.dx
+        i = int(np.searchsorted(dx.ends, _U64(start), side="right"))
+        if i >= len(dx.offsets) or int(dx.offsets[i]) >= end:
+            return _zeros(end - start)
+        return None
+
 
 class ChunksView:
     """The `chunks` file: the DATA ranges' bytes back to back, in ranges order."""

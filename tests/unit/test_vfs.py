@@ -179,6 +179,31 @@ def test_files_match_the_delta_views_and_the_target(lvm):
     delta.close()
 
 
+def test_quick_reads_of_data_are_the_same_bytes_and_only_where_no_io_is_needed(lvm, image_pair):
+    """The FUSE adapter answers a handle's quick() reads on its own thread: they must be the
+    bytes pread gives, given only where nothing changed, and never for an image pair (whose
+    reads stat the images)."""
+    fs = make_fs(lvm)
+    delta = lvm.open("vg0/s9", "vg0/s11")
+    fh = fs.open(walk(fs, "vg0/lv/s9..s11/data").ino)
+    h = fs.handle(fh)
+    assert h.quick is not None
+    answered = 0
+    for off in range(0, SIZE + 4096, 4096):
+        got = h.quick(off, 4096)
+        if got is not None:
+            answered += 1
+            assert got == h.pread(off, 4096) and not got.strip(b"\0")
+        else:
+            assert any(o < off + 4096 and off < o + n for o, n, _ in delta.extents)
+    assert answered
+    fs.release(fh)
+    assert fs.handle(fs.open(walk(fs, "vg0/lv/s9..s11/chunks").ino)).quick is None
+    ifs, _base, _target, pair = image_pair
+    assert ifs.handle(ifs.open(walk(ifs, f"{pair}/data").ino)).quick is None
+    delta.close()
+
+
 def test_reads_past_the_end_and_bad_handles(lvm):
     fs = make_fs(lvm)
     attr = walk(fs, "vg0/lv/s9..s10/chunks")
