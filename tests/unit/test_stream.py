@@ -130,9 +130,17 @@ def test_pread_sequential_and_again(step, monkeypatch):
     size, pieces = MEDIUM
     target, read, blob = make(size, pieces)
     layout = StreamLayout.from_pieces(ident(size), size, pieces, delta_id="abc")
+    asked = []
+
+    def counted(off, n):
+        asked.append(n)
+        return read(off, n)
     for _ in range(2):
-        got = b"".join(layout.pread(off, step, read) for off in range(0, len(blob), step))
+        asked.clear()
+        got = b"".join(layout.pread(off, step, counted) for off in range(0, len(blob), step))
         assert got == blob
+        if step >= MAX_DATA:  # each target byte read once: no payload read again for its tail
+            assert sum(asked) == sum(ln for _, ln, k in pieces if k == D)
     for off in (len(blob) - 1, 0, 100, 100):  # backwards: heads whose CRC is kept or not
         assert layout.pread(off, MAX_DATA, read) == blob[off:off + MAX_DATA]
 
