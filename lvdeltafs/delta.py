@@ -7,9 +7,13 @@ consumes a :class:`Delta` and nothing else, so there is one implementation of
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -68,6 +72,28 @@ class TargetReader(Protocol):
     def close(self) -> None: ...
 
 
+class WouldBlock(Exception):
+    """A read inside :func:`cached_only` needs bytes the page cache does not hold."""
+
+
+_CACHED_ONLY: ContextVar[bool] = ContextVar("lvdeltafs_cached_only", default=False)
+PROBE_STEP = 128 << 10  # read-ahead fills the page cache in runs at least this long
+
+
+@contextmanager
+def cached_only() -> Iterator[None]:
+    """Within it, :meth:`FileReader.pread` reads only what the page cache holds, else WouldBlock.
+
+    For the FUSE adapter, which answers a read on its own thread when that needs no disk
+    I/O: handing a read to a worker thread and back costs more than a cached read itself.
+    """
+    token = _CACHED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHED_ONLY.reset(token)
+
+
 class FileReader:
     """Reads a block device or file with ``os.pread``; safe to share between threads."""
 
@@ -75,8 +101,30 @@ class FileReader:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = size if size is not None else os.lseek(self.fd, 0, os.SEEK_END)
+        # RWF_NOWAIT: Linux 4.14 on; a filesystem without it (NFS) answers EOPNOTSUPP once.
+        self.nowait = hasattr(os, "RWF_NOWAIT")
+        self._probe = bytearray(1)  # its content is never used: threads may share it
+
+    def _require_cached(self, offset: int, length: int) -> None:
+        """WouldBlock unless the page cache holds the range (probed every PROBE_STEP and at its end)."""
+        if not self.nowait:
+            raise WouldBlock
+        end = offset + length
+        for p in [*range(offset, end, PROBE_STEP), end - 1]:
+            try:
+                if os.preadv(self.fd, [self._probe], p, os.RWF_NOWAIT) != 1:
+                    raise WouldBlock  # past the end: pread, in a thread, says so
+            except BlockingIOError:
+                raise WouldBlock from None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.nowait = False
+                raise WouldBlock from None
 
     def pread(self, offset: int, length: int) -> bytes:
+        if length and _CACHED_ONLY.get():
+            self._require_cached(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
             raise OSError(5, f"short read of {self.path} at {offset}: {len(data)} of {length} bytes "

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from lvdeltafs import lvm
 from lvdeltafs.access import Access
-from lvdeltafs.delta import Delta
+from lvdeltafs.delta import Delta, FileReader
 from lvdeltafs.deltacache import PairSpec
 from lvdeltafs.discovery import Volume
 from lvdeltafs.errors import LvError
@@ -56,6 +56,7 @@ MIRRORS_DIR = "@mirrors"  # lvdeltafs.mirrortree
 ORIGIN = "@origin"
 SNAPSHOTS_DIR = "snapshots"
 XATTR_PREFIX = "user.lvdeltafs."
+INLINE_FILES = ("ranges", "data", "chunks", "delta")  # see DeltaFile.open
 XATTR_FIELDS = ("delta_id", "volume", "base", "target", "source", "point_in_time")
 
 
@@ -281,7 +282,15 @@ class DeltaFile(Node):
             fs.cache.release(entry)
             raise
         pread = checked_pread(fs.cache, entry, view.pread) if self.spec.watch else view.pread
-        return Handle(pread, lambda: fs.cache.release(entry), view.size)
+        # `data` answers reads of unchanged regions without I/O, but an image pair's reads must
+        # each stat the images (checked_pread), which is I/O: those go to a worker thread.
+        quick = None if self.spec.watch else getattr(view, "unchanged", None)
+        # A file whose reads are all FileReader preads (manifest.json reads the whole of chunks
+        # once) may be tried from the page cache alone, on the FUSE thread.  An image pair's
+        # check then stats its images there too: files on a filesystem with RWF_NOWAIT (local),
+        # open and just read, so their inodes are cached.
+        inline = self.name in INLINE_FILES and type(entry.delta.target) is FileReader
+        return Handle(pread, lambda: fs.cache.release(entry), view.size, quick, inline)
 
 
 @dataclass
@@ -291,6 +300,11 @@ class Handle:
     pread: Callable[[int, int], bytes]
     on_close: Callable[[], None] = lambda: None
     size: int = 0
+    # A read answered without I/O (bytes), or None for "use pread": the FUSE adapter calls it
+    # on its own thread, sparing the hand-off to a worker thread and back.
+    quick: Callable[[int, int], bytes | None] | None = None
+    # pread may be called inside delta.cached_only() (it reads only through FileReader).
+    inline: bool = False
 
 
 def _bytes_reader(content: bytes) -> Callable[[int, int], bytes]:

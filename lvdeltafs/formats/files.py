@@ -36,6 +36,19 @@ class View(Protocol):
     def pread(self, offset: int, length: int) -> bytes: ...
 
 
+# Zeros for the unchanged parts of `data`: one FUSE request (at most 1 MiB, libfuse's max_pages)
+# is served from this one constant; only a larger read allocates.
+ZEROS = bytes(1 << 20)
+
+
+def _zeros(n: int) -> bytes:
+    return ZEROS[:n] if n <= len(ZEROS) else bytes(n)  # ZEROS[:len(ZEROS)] is ZEROS itself
+
+
+def _zeros_view(n: int) -> bytes | memoryview:
+    return memoryview(ZEROS)[:n] if n <= len(ZEROS) else bytes(n)
+
+
 def _span(offset: int, length: int, size: int) -> tuple[int, int]:
     if offset < 0 or length < 0:
         raise ValueError("negative offset or length")
@@ -83,17 +96,45 @@ class DataView:
         self.changed_bytes = self.dx.total  # for st_blocks, so `du` shows the delta's size
 
     def pread(self, offset: int, length: int) -> bytes:
+        # A read wholly inside one changed run (the common case for large runs) is the target's
+        # bytes as pread gives them, and one wholly outside is a slice of ZEROS: no buffer to
+        # fill, no copy.  Otherwise the pieces are joined once.
         start, end = _span(offset, length, self.size)
         if start >= end:
             return b""
         dx = self.dx
-        out = bytearray(end - start)
         i = int(np.searchsorted(dx.ends, _U64(start), side="right"))
-        while i < len(dx.offsets) and int(dx.offsets[i]) < end:
+        n_ext = len(dx.offsets)
+        if i >= n_ext or int(dx.offsets[i]) >= end:
+            return _zeros(end - start)
+        if int(dx.offsets[i]) <= start and int(dx.ends[i]) >= end:
+            return self.delta.read(start, end - start)
+        parts: list[bytes | memoryview] = []
+        pos = start
+        while i < n_ext and int(dx.offsets[i]) < end:
             s, e = max(int(dx.offsets[i]), start), min(int(dx.ends[i]), end)
-            out[s - start:e - start] = self.delta.read(s, e - s)
+            if s > pos:
+                parts.append(_zeros_view(s - pos))
+            parts.append(self.delta.read(s, e - s))
+            pos = e
             i += 1
-        return bytes(out)
+        if pos < end:
+            parts.append(_zeros_view(end - pos))
+        return b"".join(parts)
+
+    def unchanged(self, offset: int, length: int) -> bytes | None:
+        """The read's bytes if it touches no changed run (zeros, known without I/O), else None.
+
+        The FUSE adapter answers such a read at once, not through a worker thread.
+        """
+        start, end = _span(offset, length, self.size)
+        if start >= end:
+            return b""
+        dx = self.dx
+        i = int(np.searchsorted(dx.ends, _U64(start), side="right"))
+        if i >= len(dx.offsets) or int(dx.offsets[i]) >= end:
+            return _zeros(end - start)
+        return None
 
 
 class ChunksView:

@@ -41,6 +41,7 @@ MAX_DATA = 1 << 20  # bytes of data per DATA record
 MAX_HEADER = 64 << 10  # bytes of header JSON
 END_PAYLOAD = struct.Struct("<QQQQ")  # data records, zero records, data bytes, zero bytes
 END_SIZE = HEAD_SIZE + END_PAYLOAD.size
+CRC_CACHE = 64  # payload CRCs StreamLayout.pread keeps: the last 64 records' heads
 
 T_HEADER, T_SIZE, T_DATA, T_ZERO, T_END, T_COMPRESSED = (ord(c) for c in "HSDZEC")
 TYPE_NAMES = {T_HEADER: "header", T_SIZE: "size", T_DATA: "data", T_ZERO: "zero", T_END: "end",
@@ -205,7 +206,8 @@ class StreamLayout:
         self.end_start = self.body_start + int(starts[self.count])
         self.size = self.end_start + END_SIZE
         self.records = 2 + self.data_records + self.zero_records  # before END
-        self._cache: tuple[int, bytes] | None = None
+        self._crcs: dict[int, int] = {}  # payload target offset -> its CRC-32 (_payload_crc)
+        self._last: tuple[int, bytes] | None = None  # the last payload summed: at most 1 MiB kept
 
     @classmethod
     def from_pieces(cls, identity: dict[str, Any], target_size: int,
@@ -294,31 +296,78 @@ class StreamLayout:
             yield from rec
 
     def pread(self, offset: int, length: int, read: ReadFn) -> bytes:
-        """``length`` bytes of the stream at ``offset`` (fewer at the end), as a file read would give."""
+        """``length`` bytes of the stream at ``offset`` (fewer at the end), as a file read would give.
+
+        Each target byte is read once and each payload checksummed once, where a
+        sequential reader needs it: a FUSE read of 1 MiB straddles two records (a
+        record is 1 MiB + 32); the read that covers a head reads the whole payload for
+        its CRC and keeps both (:meth:`_payload_crc`), and the next read takes the rest
+        of that payload from there.  Then one join: no other copy.
+        """
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         if offset < self.body_start:
             prefix = b"".join(self._prefix)
             out.append(prefix[offset:end])
             offset = self.body_start
-        if offset < end:
+        offsets, lengths, kinds, seed = self.offsets, self.lengths, self.kinds, self.seed
+        while offset < end:
             i, k, rec_start = self._locate(offset)
-            for rec in self._records_from(i, k, read):
-                blob = self._cached(rec_start, rec)
-                out.append(blob[offset - rec_start:end - rec_start])
-                rec_start += len(blob)
-                offset = rec_start
-                if offset >= end:
-                    break
+            if i >= self.count:
+                rec = end_record(self.end_start, self.records, self.data_records, self.zero_records,
+                                 self.data_bytes, self.zero_bytes, seed)
+                out.append(rec[offset - rec_start:end - rec_start])
+                break
+            off, ln = int(offsets[i]), int(lengths[i])
+            if int(kinds[i]) == KIND_ZERO:
+                rec = record_head(T_ZERO, 0, off, ln, 0, seed)
+                out.append(rec[offset - rec_start:end - rec_start])
+                offset = rec_start + HEAD_SIZE
+                continue
+            p = off + k * MAX_DATA
+            n = min(MAX_DATA, off + ln - p)
+            body = rec_start + HEAD_SIZE  # stream position of the payload's first byte
+            stop = min(end, body + n)
+            payload: bytes | None = None
+            if offset < body:
+                crc, payload = self._payload_crc(p, n, read)
+                head = record_head(T_DATA, n, p, n, crc, seed)
+                out.append(head[offset - rec_start:min(stop, body) - rec_start])
+                offset = body
+            if offset < stop:
+                a, b = offset - body, stop - body
+                if payload is None:
+                    last = self._last  # one read: another thread may replace it
+                    if last is not None and last[0] == p:
+                        payload = last[1]
+                if payload is not None:
+                    out.append(memoryview(payload)[a:b])
+                else:
+                    out.append(_read_piece(read, p + a, b - a))
+            offset = stop
         return b"".join(out)
 
-    def _cached(self, rec_start: int, rec: list[bytes]) -> bytes:
-        # FUSE reads a 1 MiB record in many small pieces; keep the last one joined.
-        c = self._cache
-        if c is not None and c[0] == rec_start:
-            return c[1]
-        blob = b"".join(rec)
-        self._cache = (rec_start, blob)
-        return blob
+    def _payload_crc(self, p: int, n: int, read: ReadFn) -> tuple[int, bytes | None]:
+        """The CRC-32 of the DATA payload at target offset ``p``, and the payload if it was read for it.
+
+        The CRCs of the last few heads served are kept (``CRC_CACHE`` entries, 8 bytes
+        of key and value each, cleared when full) for reads that need a head again:
+        read-ahead racing a re-read, or a reader going back a little.  A sequential
+        reader meets each head once, so every payload is still read and summed afresh
+        on every pass.
+        """
+        crcs = self._crcs
+        crc = crcs.get(p)
+        if crc is not None:
+            return crc, None
+        payload = _read_piece(read, p, n)
+        crc = zlib.crc32(payload)
+        if len(crcs) >= CRC_CACHE:
+            crcs.clear()  # atomic under the GIL, unlike evicting one entry while other threads add
+        crcs[p] = crc
+        # The rest of this payload is the start of the next read: served from here, not read
+        # again (up to 1 MiB a read, half on average), and the same bytes the CRC was taken of.
+        self._last = (p, payload)
+        return crc, payload

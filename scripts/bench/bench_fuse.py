@@ -180,7 +180,7 @@ def main() -> None:
           "(target >= 0.9)")
     print(f"peak RSS of the lvdeltafs process: {peak:.0f} MiB")
     print(f"tuning: read_ahead_kb={args.read_ahead_kb} on the mount's bdi (1 MiB FUSE requests), "
-          "st_blksize 1 MiB, reads in worker threads via the handle's bound pread")
+          "st_blksize 1 MiB, reads the page cache holds on the FUSE thread, others in worker threads")
     bindfs = "bindfs over a plain file"
     benchjson.write(args.json, "fuse", [
         benchjson.Figure("cat chunks", rate["lvdeltafs"], "MiB/s", bindfs, rate["bindfs"],

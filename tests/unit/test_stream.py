@@ -122,6 +122,29 @@ def test_layout_is_pure_function_of_extents(ext, split, rnd):
         assert layout.pread(off, n, read) == blob[off:off + n]
 
 
+@pytest.mark.parametrize("step", [1 << 20, 4096, MAX_DATA + HEAD_SIZE + 5, 33])
+def test_pread_sequential_and_again(step, monkeypatch):
+    """Sequential reads as FUSE makes them (a head's CRC kept, the rest of its payload read alone),
+    a second pass, and a CRC cache cleared as it fills, all give the stream's bytes."""
+    monkeypatch.setattr(S, "CRC_CACHE", 2)
+    size, pieces = MEDIUM
+    target, read, blob = make(size, pieces)
+    layout = StreamLayout.from_pieces(ident(size), size, pieces, delta_id="abc")
+    asked = []
+
+    def counted(off, n):
+        asked.append(n)
+        return read(off, n)
+    for _ in range(2):
+        asked.clear()
+        got = b"".join(layout.pread(off, step, counted) for off in range(0, len(blob), step))
+        assert got == blob
+        if step >= MAX_DATA:  # each target byte read once: no payload read again for its tail
+            assert sum(asked) == sum(ln for _, ln, k in pieces if k == D)
+    for off in (len(blob) - 1, 0, 100, 100):  # backwards: heads whose CRC is kept or not
+        assert layout.pread(off, MAX_DATA, read) == blob[off:off + MAX_DATA]
+
+
 @pytest.mark.parametrize("case", [SMALL, MEDIUM])
 def test_resume_from_every_boundary(case):
     size, pieces = case

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lvdeltafs import delta as deltamod
 from lvdeltafs import deltacache, discovery, replies, tree, vfs
 from lvdeltafs.errors import CommandFailed, SnapshotUnusable
 from lvdeltafs.formats.files import NAMES, DeltaFiles
@@ -177,6 +178,82 @@ def test_files_match_the_delta_views_and_the_target(lvm):
     assert manifest["delta_id"] == delta.identity.delta_id and manifest["point_in_time"] is True
     assert read_all(fs, "vg0/lv/s9..s11/delta") == b"".join(files["delta"].blocks())
     delta.close()
+
+
+def test_quick_reads_of_data_are_the_same_bytes_and_only_where_no_io_is_needed(lvm, image_pair):
+    """The FUSE adapter answers a handle's quick() reads on its own thread: they must be the
+    bytes pread gives, given only where nothing changed, and never for an image pair (whose
+    reads stat the images)."""
+    fs = make_fs(lvm)
+    delta = lvm.open("vg0/s9", "vg0/s11")
+    fh = fs.open(walk(fs, "vg0/lv/s9..s11/data").ino)
+    h = fs.handle(fh)
+    assert h.quick is not None
+    answered = 0
+    for off in range(0, SIZE + 4096, 4096):
+        got = h.quick(off, 4096)
+        if got is not None:
+            answered += 1
+            assert got == h.pread(off, 4096) and not got.strip(b"\0")
+        else:
+            assert any(o < off + 4096 and off < o + n for o, n, _ in delta.extents)
+    assert answered
+    fs.release(fh)
+    assert fs.handle(fs.open(walk(fs, "vg0/lv/s9..s11/chunks").ino)).quick is None
+    ifs, _base, _target, pair = image_pair
+    assert ifs.handle(ifs.open(walk(ifs, f"{pair}/data").ino)).quick is None
+    delta.close()
+
+
+def test_inline_reads_from_the_page_cache_are_the_same_bytes(lvm):
+    """Handles the FUSE adapter may read on its own thread (inside cached_only) give what a
+    worker's read gives; manifest.json (which reads all of chunks once) is never one of them."""
+    fs = make_fs(lvm)
+    for name in NAMES:
+        fh = fs.open(walk(fs, f"vg0/lv/s9..s11/{name}").ino)
+        h = fs.handle(fh)
+        assert h.inline == (name != "manifest.json"), name
+        if h.inline:
+            for off in range(0, h.size + 4096, 65536):
+                want = h.pread(off, 100_000)
+                try:
+                    with deltamod.cached_only():
+                        got = h.pread(off, 100_000)
+                except deltamod.WouldBlock:
+                    continue  # not in the page cache (or no RWF_NOWAIT here): a worker reads it
+                assert got == want, (name, off)
+        fs.release(fh)
+
+
+def test_cached_only_reads_what_is_cached_and_refuses_the_rest(tmp_path, monkeypatch):
+    path = tmp_path / "img"
+    path.write_bytes(os.urandom(300_000))
+    with deltamod.FileReader(str(path)) as r:
+        r.pread(0, 300_000)  # now cached, wherever tmp_path is
+        try:
+            with deltamod.cached_only():
+                assert r.pread(1000, 200_000) == path.read_bytes()[1000:201_000]
+        except deltamod.WouldBlock:
+            assert not r.nowait  # a filesystem without RWF_NOWAIT: every such read goes to a worker
+        with deltamod.cached_only(), pytest.raises(deltamod.WouldBlock):
+            r.pread(299_000, 2000)  # past the end: a worker's pread reports the short read
+        with pytest.raises(OSError, match="short read"):
+            r.pread(299_000, 2000)
+
+        def would_block(*args):
+            raise BlockingIOError(errno.EAGAIN, "not cached")
+        monkeypatch.setattr(deltamod.os, "preadv", would_block)
+        r.nowait = True
+        with deltamod.cached_only(), pytest.raises(deltamod.WouldBlock):
+            r.pread(0, 10)
+        assert r.nowait and r.pread(0, 10) == path.read_bytes()[:10]  # outside cached_only: reads
+
+        def unsupported(*args):
+            raise OSError(errno.EOPNOTSUPP, "no RWF_NOWAIT here")
+        monkeypatch.setattr(deltamod.os, "preadv", unsupported)
+        with deltamod.cached_only(), pytest.raises(deltamod.WouldBlock):
+            r.pread(0, 10)
+        assert not r.nowait  # asked once, then never again
 
 
 def test_reads_past_the_end_and_bad_handles(lvm):
