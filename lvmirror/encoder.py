@@ -55,6 +55,9 @@ from lvdeltafs.formats.stream import (
 from lvmirror.compression import Policy
 
 DEPTH = 4  # batches in flight: enough to keep the workers and the link busy (compression.SKIP_BYTES)
+# The target's data ranges are asked of the disk this far ahead of the workers' reads
+# (Delta.advise): scattered reads then wait for the disk together, not one after another.
+ADVISE_AHEAD = 32 << 20
 BATCH_BYTES = MAX_DATA  # small ranges are grouped so a worker's hand-off costs little per range
 BATCH_RECORDS = 4096  # and zero ranges (no data) at most so many to a batch
 _MAX = 2**63 - 1
@@ -160,7 +163,7 @@ class DeltaStream:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="encode") as pool:
             pending: deque[InFlight] = deque()
             try:
-                for batch in self._batches(start):
+                for batch in self._advised(self._batches(start)):
                     raw = _data_bytes(batch)
                     way = self.policy.choose(raw) if compressing else (False, 0, 0)
                     pending.append((pool.submit(self._build, batch, seed, way[0]), way, raw))
@@ -174,6 +177,21 @@ class DeltaStream:
                     fut.cancel()
         yield end_record(counts.pos, counts.nrec, counts.ndata, counts.nzero, counts.dbytes, counts.zbytes,
                          seed)
+
+    def _advised(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """``batches``, each one's data ranges advised to the target ADVISE_AHEAD bytes before it is read."""
+        ahead: deque[Batch] = deque()
+        advised = 0  # data bytes advised and not yet handed out
+        for batch in batches:
+            for off, n in _coalesced(batch):
+                self.delta.advise(off, n)
+            ahead.append(batch)
+            advised += _data_bytes(batch)
+            while advised >= ADVISE_AHEAD:
+                out = ahead.popleft()
+                advised -= _data_bytes(out)
+                yield out
+        yield from ahead
 
     def data_pieces(self, start: int = 0) -> Iterator[tuple[int, int]]:
         """(offset, length) of each read the stream makes of the target from ``start``, in stream order."""
@@ -304,6 +322,21 @@ def changed_runs(data: bytes, base: bytes) -> list[tuple[int, int]]:
     edges = np.flatnonzero(np.diff(np.concatenate(([0], differ.view(np.int8), [0]))))
     return [(int(s) * BLOCK, min(int(e) * BLOCK, n) - int(s) * BLOCK) for s, e in zip(edges[::2], edges[1::2],
                                                                                        strict=True)]
+
+
+def _coalesced(batch: Batch) -> Iterator[tuple[int, int]]:
+    """The batch's data ranges, adjacent ones joined (one hint for a range cut into 1 MiB records)."""
+    start = end = -1
+    for off, n, kind in batch:
+        if kind == KIND_ZERO:
+            continue
+        if off != end:
+            if end > start >= 0:
+                yield start, end - start
+            start = off
+        end = off + n
+    if end > start >= 0:
+        yield start, end - start
 
 
 def _data_bytes(batch: Batch) -> int:

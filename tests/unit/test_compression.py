@@ -423,3 +423,60 @@ def test_while_compressing_only_blocks_that_differ_from_the_base_are_sent():
     assert len(blob) < len(stream_of(DeltaStream(delta(None), Policy("zlib")))) / 2
     plain = DeltaStream(delta(MemoryReader(OLD)), Policy("off"))  # not compressing: everything marked
     assert apply_records(OLD, stream_of(plain)) == NEW and plain.unchanged == 0
+
+
+# ---------------------------------------------------------------- reading ahead, the local pipe
+
+
+class AdvisedReader:
+    """A target in memory that records, in order, the ranges advised and the reads made."""
+
+    def __init__(self, data: bytes):
+        self.data, self.size = data, len(data)
+        self.events: list[tuple[str, int, int]] = []
+
+    def advise(self, offset: int, length: int) -> None:
+        self.events.append(("advise", offset, length))
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.events.append(("read", offset, length))
+        return self.data[offset:offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_target_is_advised_ahead_of_every_read_and_never_too_far(monkeypatch):
+    import dataclasses
+
+    from lvmirror import encoder
+    monkeypatch.setattr(encoder, "ADVISE_AHEAD", 4 * MiB)
+    old = text(96 * MiB, 11)
+    new = bytearray(old)
+    for k in range(0, 96, 3):  # a changed MiB in every three: 32 ranges, 32 MiB of data
+        new[k * MiB:(k + 1) * MiB] = text(MiB, 100 + k)
+    delta = memory_delta(old, bytes(new), "vol@1", "vol@2")
+    reader = AdvisedReader(bytes(new))
+    source = DeltaStream(dataclasses.replace(delta, target=reader), workers=1)
+    verify_stream(io.BytesIO(stream_of(source)))  # the same stream, a whole and valid one
+    advised_to = read_to = 0  # stream order: offsets only grow
+    for what, off, n in reader.events:
+        if what == "advise":
+            advised_to = max(advised_to, off + n)
+        else:
+            assert off + n <= advised_to, f"read at {off} before it was advised"
+            read_to = off + n
+            # The window: what is advised runs at most ADVISE_AHEAD, a batch and the batches in flight
+            # (1 MiB of data each) past the reads; here data is a third of the target's bytes.
+            assert advised_to - read_to <= 3 * (encoder.ADVISE_AHEAD + (encoder.DEPTH + 2) * MiB)
+    advised = sum(n for what, _, n in reader.events if what == "advise")
+    assert advised == 32 * MiB  # every data byte once: adjacent records' ranges joined
+
+
+def test_the_pipe_to_a_local_receiver_holds_a_whole_frame(tmp_path):
+    import fcntl
+
+    from lvmirror.transports import PIPE_BYTES, LocalTransport
+    with LocalTransport(str(tmp_path / "m.img")) as rc:
+        rc.hello()
+        assert fcntl.fcntl(rc.chan.w.fileno(), fcntl.F_GETPIPE_SZ) >= PIPE_BYTES
