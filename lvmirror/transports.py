@@ -12,6 +12,7 @@ what a far host runs.  ``connect()`` returns a :class:`~lvmirror.client.Receiver
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import tempfile
@@ -39,6 +40,20 @@ class SshOptions:
 def receiver_argv(path: str, state_dir: str | None) -> list[str]:
     """The receiver's arguments: sent as data in the blob, never through a shell."""
     return [path, *(["--state-dir", state_dir] if state_dir else [])]
+
+
+PIPE_BYTES = 1 << 20  # a whole 1 MiB frame; Linux's default pipe-max-size
+
+
+def widen_pipe(fd: int) -> None:
+    """Let the pipe to the receiver hold a whole frame (Linux: F_SETPIPE_SZ).
+
+    At the default 64 KiB each 1 MiB frame took 16 hand-offs between the two
+    processes, and the data path waited on them: measured, a local sync's
+    send and stage 0.55 s for 164 MiB from the page cache.  Elsewhere, or over
+    the limit, the pipe stays as it is."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 class LocalTransport:
@@ -69,6 +84,7 @@ class LocalTransport:
         self.proc = subprocess.Popen(bundle.local_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr, env=env, cwd="/")
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        widen_pipe(self.proc.stdin.fileno())
         try:
             self.proc.stdin.write(blob)
             self.proc.stdin.flush()
