@@ -51,7 +51,8 @@ class Rate(click.ParamType):
 
 bwlimit_option = click.option("--bwlimit", type=Rate(), metavar="RATE", help=BWLIMIT_HELP)
 compress_option = click.option("--compress", type=click.Choice(COMPRESS_MODES),
-                               help="Compress the stream: auto, off, zlib or zstd, over the config's `compress`.")
+                               help="Compress the stream: auto, off, zlib or zstd, over the config's "
+                                    "`compress`.")
 ssh_transport_option = click.option(
     "--ssh-transport", type=click.Choice(["paramiko", "openssh"]), default="paramiko", show_default=True,
     help="How to reach an ssh:// DEST: paramiko, or the system's OpenSSH ssh client (same key, same "
