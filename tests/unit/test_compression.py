@@ -334,6 +334,20 @@ def test_auto_tries_compression_when_the_cpu_has_room():
     assert sent[True] > 0.9 * sum(sent.values())
 
 
+def test_auto_tries_compression_after_a_short_first_run():
+    from lvmirror.compression import FIRST_BYTES
+    sent = run_policy(Policy("auto", cpu=NO_CPU), {True: 0.01, False: 0.02}, 64)
+    # Raw: the first run and what was in flight when compression won its probe; every byte after, compressed.
+    assert sent[False] <= FIRST_BYTES + PROBE_BYTES and FIRST_BYTES < RUN_BYTES
+
+
+@pytest.mark.parametrize("compressed_faster, mostly", [(1.05, False), (1.2, False), (1.4, True)])
+def test_auto_changes_way_only_for_a_clear_gain(compressed_faster, mostly):
+    """Within MARGIN (25%) the way in use stays: raw at first, so a 5% or 20% gain does not switch it."""
+    sent = run_policy(Policy("auto", cpu=NO_CPU), {True: 0.01 / compressed_faster, False: 0.01}, 2048)
+    assert (sent[True] > 0.9 * sum(sent.values())) is mostly
+
+
 def test_auto_follows_a_link_that_changes():
     policy = Policy("auto", cpu=NO_CPU)
     run_policy(policy, {True: 0.02, False: 0.01}, 1024)
