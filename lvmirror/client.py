@@ -210,7 +210,7 @@ class ReceiverClient:
         self.resumed_bytes = 0
         self.closed = False
         self.limit: TokenBucket | None = None
-        self.local = False  # a pipe to a local receiver (set by lvmirror.transports): never a slow link
+        self.local = False  # a receiver on this host (set by lvmirror.transports): never a slow link
         self.codecs: tuple[str, ...] = ()  # what the far side decompresses, from its last hello
         self.keep: Keep | None = None  # the history retention sent with each apply (None: the receiver's)
 

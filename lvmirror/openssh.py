@@ -40,7 +40,7 @@ from lvdeltafs.errors import ConnectionProblem, LvError
 from lvmirror import bundle
 from lvmirror.client import ReceiverClient
 from lvmirror.destinations import ConfigError, Destination, shown
-from lvmirror.transports import SshTransport
+from lvmirror.transports import SshTransport, on_this_host
 
 log = logging.getLogger(__name__)
 
@@ -355,4 +355,5 @@ class OpenSshTransport(SshTransport):
         self.client = ReceiverClient(link.reader, link.writer,
                                      where=f"receiver on {self.dest.host} for {self.dest.path}",
                                      on_close=link.close, diagnostics=link.stderr_tail)
+        self.client.local = on_this_host(self.dest.host)
         return self.client

@@ -48,7 +48,7 @@ def test_auto_compresses_over_a_shaped_link_and_the_mirror_is_byte_exact(shaped_
     # that); here the link's measured rates must decide, whatever else the machine is doing.
     from lvmirror import compression
     monkeypatch.setattr(compression, "host_cpu", lambda: None)
-    # auto sends its first 32 MiB raw (to see how busy the CPU is), then compresses while that pays.
+    # auto sends its first 12 MiB raw (to see how busy the CPU is), then compresses while that pays.
     data = mixed(96 * MiB, 1, text_share=3)
     dest = tmp_path / "mirror.img"
     with transport(server, dest) as rc:
@@ -62,6 +62,23 @@ def test_auto_compresses_over_a_shaped_link_and_the_mirror_is_byte_exact(shaped_
     assert far == ("zlib", "zstd"), far
     # 64 MiB after the first run, compressing to about half: auto must have kept at it on this link.
     assert sent < 0.8 * len(data), f"{sent} bytes crossed the link for {len(data)} of data"
+
+
+def test_auto_does_not_compress_to_a_receiver_on_this_host(sshd, tmp_path):
+    """ssh to a loopback address: the receiver shares this host's CPU, as a local one does; auto sends raw
+    (a version-1 stream), while an explicit codec still compresses."""
+    from lvmirror.transports import on_this_host
+    assert on_this_host(sshd.host) and on_this_host("localhost") and not on_this_host("192.0.2.1")
+    data = mixed(8 * MiB, 3)
+    for mode, shrinks in (("auto", False), ("zstd", True)):
+        dest = tmp_path / f"{mode}.img"
+        with transport(sshd, dest) as rc:
+            rc.hello()
+            assert rc.local
+            send(rc, memory_delta(None, data, "", "vol@1"), "init", compress=mode)
+            sent = rc.bytes_sent
+        assert sha_file(dest) == sha(data)
+        assert (sent < 0.8 * len(data)) is shrinks, (mode, sent)
 
 
 class CutAfter:
