@@ -11,7 +11,8 @@ neither shipped nor in the standard library nor in ``OPTIONAL``: a receiver
 that imported numpy or a project module by mistake fails on every host, this
 one included.  ``OPTIONAL`` are the far host's own packages the receiver may
 use when they are there and does without when not (zstandard: the zstd codec,
-:mod:`lvdeltafs.formats.codecs`); nothing of them is shipped.
+:mod:`lvdeltafs.formats.codecs`; isal: a faster CRC-32, :mod:`lvdeltafs.formats.stream`);
+nothing of them is shipped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ EXIT_PYTHON_TOO_OLD = 90
 EXIT_BAD_BLOB = 91
 RESUMES = "the next run resumes from what the receiver holds"
 MIN_PYTHON = (3, 10)  # sys.stdlib_module_names, dataclass(slots=True)
-OPTIONAL = ("zstandard",)
+OPTIONAL = ("zstandard", "isal")
 
 # The blob is read from fd 0 with os.read, never through sys.stdin's buffer, so no byte of the
 # protocol that follows is swallowed by a read-ahead the receiver would not see.

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from lvdeltafs.formats.stream import (
     T_COMPRESSED,
     T_DATA,
     T_ZERO,
+    crc32,
     end_record,
     record_head,
     stream_prefix,
@@ -152,7 +152,7 @@ class DeltaStream:
             if resume is None or resume.position != offset or resume.prev_end > layout.target_size:
                 raise ValueError(f"cannot continue the stream at byte {offset} without the receiver's "
                                  "state there")
-            version, seed = resume.version, zlib.crc32(layout.header)
+            version, seed = resume.version, crc32(layout.header)
             counts = Counts(resume.position, resume.nrec, resume.ndata, resume.nzero, resume.dbytes,
                             resume.zbytes)
             start = resume.prev_end
@@ -305,8 +305,8 @@ def _data_record(off: int, data: bytes, seed: int, codec: int | None) -> tuple[i
     n = len(data)
     payload = codecs.compress(data, codec) if codec else None
     if payload is None:
-        return T_DATA, off, n, [record_head(T_DATA, n, off, n, zlib.crc32(data), seed), data]
-    return T_COMPRESSED, off, n, [record_head(T_COMPRESSED, len(payload), off, n, zlib.crc32(payload), seed),
+        return T_DATA, off, n, [record_head(T_DATA, n, off, n, crc32(data), seed), data]
+    return T_COMPRESSED, off, n, [record_head(T_COMPRESSED, len(payload), off, n, crc32(payload), seed),
                                   payload]
 
 

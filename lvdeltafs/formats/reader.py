@@ -11,7 +11,6 @@ records needs to know how they travelled.
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -32,6 +31,7 @@ from lvdeltafs.formats.stream import (
     StreamTruncated,
     StreamUnsupported,
     corrupt,
+    crc32,
     truncated,
 )
 
@@ -141,7 +141,7 @@ class StreamReader:
         if len(raw) < PREAMBLE_SIZE:
             raise truncated(len(raw), "inside the 16-byte preamble")
         _magic, version, flags, crc = PREAMBLE.unpack(raw)
-        if zlib.crc32(raw[:12]) != crc:
+        if crc32(raw[:12]) != crc:
             raise corrupt(0, "preamble checksum mismatch")
         if version not in VERSIONS:
             raise StreamUnsupported(f"delta stream at byte 8 has format version {version}; this release "
@@ -163,7 +163,7 @@ class StreamReader:
         rtype, flags, reserved, plen, a, b, pcrc = HEAD.unpack_from(raw)
         seed = self.seed if self.header is not None else 0
         stored = int.from_bytes(raw[28:], "little")
-        if zlib.crc32(memoryview(raw)[:28], seed) != stored:
+        if crc32(memoryview(raw)[:28], seed) != stored:
             raise corrupt(at, "checksum mismatch in the head of the record starting there "
                            f"(stored 0x{stored:08x})")
         name = TYPE_NAMES.get(rtype)
@@ -187,7 +187,7 @@ class StreamReader:
                 article = "an" if name == "end" else "a"
                 raise truncated(at + HEAD_SIZE + len(payload), f"inside {article} {name} record {desc} "
                                  f"starting at byte {at}")
-            if zlib.crc32(payload) != pcrc:
+            if crc32(payload) != pcrc:
                 raise corrupt(at + HEAD_SIZE, f"checksum mismatch in the payload of the {name} record "
                                f"starting at byte {at}")
         elif pcrc:
@@ -225,7 +225,7 @@ class StreamReader:
             raise corrupt(at, f"the header's identity says the target is {named!r} bytes but the header "
                            f"says {doc['target_size']}")
         self.header = doc
-        self.seed = zlib.crc32(payload)
+        self.seed = crc32(payload)
         rec.header = doc
 
     def _check_size(self, at: int, plen: int, a: int, b: int) -> None:

@@ -30,6 +30,24 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+
+def _find_crc32() -> Callable[..., int]:
+    """CRC-32 as zlib computes it (the same values), from python-isal where this python has it.
+
+    zlib's crc32 (1.2.13) runs at about 2.5 GB/s here, isal's at over 30: a sync checksums
+    every data byte four times (the sender once, the receiver as it stages, verifies and applies)
+    and the mount's `delta` once per read.  Optional on both ends (pip install 'lvmirror[fast]';
+    Debian 12 has no package of it); the receiver may import it (lvmirror.bundle.OPTIONAL).
+    """
+    try:
+        from isal.isal_zlib import crc32 as isal_crc32  # type: ignore[import-not-found]
+    except ImportError:
+        return zlib.crc32
+    return isal_crc32
+
+
+crc32 = _find_crc32()
+
 MAGIC = b"LVDELTA\x00"
 VERSION = 1  # what StreamLayout writes: no COMPRESSED records, so a pure function of the extents
 VERSIONS = (1, 2)  # what readers read; version 2 adds COMPRESSED records
@@ -106,12 +124,12 @@ def encode_header(identity: dict[str, Any], target_size: int, delta_id: str | No
 
 def record_head(rtype: int, plen: int, a: int, b: int, pcrc: int, seed: int) -> bytes:
     h = HEAD.pack(rtype, 0, 0, plen, a, b, pcrc)
-    return h + zlib.crc32(h, seed).to_bytes(4, "little")
+    return h + crc32(h, seed).to_bytes(4, "little")
 
 
 def preamble(version: int = VERSION) -> bytes:
     first = PREAMBLE.pack(MAGIC, version, 0, 0)[:12]
-    return first + zlib.crc32(first).to_bytes(4, "little")
+    return first + crc32(first).to_bytes(4, "little")
 
 
 def stream_prefix(header: bytes, target_size: int, version: int = VERSION) -> tuple[list[bytes], int]:
@@ -120,7 +138,7 @@ def stream_prefix(header: bytes, target_size: int, version: int = VERSION) -> tu
     Later heads are checksummed with the header's crc as seed, which binds
     each record to this delta: a record spliced in from another stream fails.
     """
-    seed = zlib.crc32(header)
+    seed = crc32(header)
     blocks = [preamble(version), record_head(T_HEADER, len(header), 0, 0, seed, 0) + header,
               record_head(T_SIZE, 0, target_size, 0, 0, seed)]
     return blocks, seed
@@ -172,7 +190,7 @@ def canonical(pieces: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int
 
 def end_record(pos: int, nrec: int, ndata: int, nzero: int, dbytes: int, zbytes: int, seed: int) -> bytes:
     payload = END_PAYLOAD.pack(ndata, nzero, dbytes, zbytes)
-    return record_head(T_END, len(payload), pos, nrec, zlib.crc32(payload), seed) + payload
+    return record_head(T_END, len(payload), pos, nrec, crc32(payload), seed) + payload
 
 
 # ---------------------------------------------------------------- layout
@@ -251,7 +269,7 @@ class StreamLayout:
     def _records_from(self, i: int, k: int, read: ReadFn) -> Iterator[list[bytes]]:
         """Encoded records (head and payload blocks) from record (i, k) to the end."""
         seed, offsets, lengths, kinds = self.seed, self.offsets, self.lengths, self.kinds
-        crc32, head, rp = zlib.crc32, record_head, _read_piece
+        head, rp = record_head, _read_piece
         for j in range(i, self.count):
             off, ln = int(offsets[j]), int(lengths[j])
             if int(kinds[j]) == KIND_ZERO:
@@ -363,7 +381,7 @@ class StreamLayout:
         if crc is not None:
             return crc, None
         payload = _read_piece(read, p, n)
-        crc = zlib.crc32(payload)
+        crc = crc32(payload)
         if len(crcs) >= CRC_CACHE:
             crcs.clear()  # atomic under the GIL, unlike evicting one entry while other threads add
         crcs[p] = crc

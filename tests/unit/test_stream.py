@@ -418,3 +418,15 @@ def test_truncated_preamble_keeps_what_it_read():
     for n in range(1, S.PREAMBLE_SIZE):
         e = rejects(blob[:n], StreamTruncated)
         assert e.offset == n
+
+
+def test_the_stream_crc32_is_zlibs_whichever_library_computes_it():
+    """stream.crc32 is python-isal's where it is installed: the same values as zlib's, seeds included."""
+    import random
+
+    rnd = random.Random(5)
+    for n in (0, 1, 31, 4096, 1 << 20):
+        data = rnd.randbytes(n)
+        seed = rnd.getrandbits(32)
+        assert S.crc32(data) == zlib.crc32(data) and S.crc32(data, seed) == zlib.crc32(data, seed)
+        assert S.crc32(memoryview(data)) == zlib.crc32(data)
