@@ -13,18 +13,19 @@ short run (PROBE_BYTES), because either can change: the data may stop
 compressing, the link may get busy.  The way in use changes only when the
 other was measured ``MARGIN`` (25%) faster: measurements are noisy, the
 far side's work is not in them, and where the two are close, following
-the noise costs.  A probe that loses
-doubles the number of runs to the next one (up to ``MAX_INTERVAL``), so on
-a link where compression never pays (the loopback, a LAN) it costs a few
-percent at most; one that wins brings the next probe close.
+the noise costs.  A probe that loses doubles the number of runs to the
+next one (up to ``MAX_INTERVAL``), so on a link where compression never
+pays (a fast LAN) it costs a few percent at most; one that wins brings the
+next probe close.
 
 It starts sending raw, a short first run (``FIRST_BYTES``), and tries
 compression only while the host's CPU had room to spare then (``IDLE_MIN``): when sending raw
 already keeps the CPU busy (the loopback, a fast LAN, a busy host), the
 CPU, not the link, is the bottleneck, and compressing could only add to it.
 
-A local destination is a pipe, never the bottleneck: ``auto`` does not
-compress there, and sends a version-1 stream.
+A local destination is a pipe, never the bottleneck, and one over ssh to a
+loopback address shares this host's CPU: ``auto`` does not compress there,
+and sends a version-1 stream.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ RUN_BYTES = 32 << 20
 # 50 MB/s link, where always compressing with zstd was 1.89x).
 FIRST_BYTES = SKIP_BYTES + PROBE_BYTES
 # The way that is not being used must be this much faster to take over.  Measured rates are noisy,
-# and the sender's measure does not see the far side's work (decompressing): on the loopback, where
-# both ends share the CPU, compressing with zstd was measured faster run by run yet took 1.08x off's
-# time in all, and auto with a 10% margin 1.09x.  Over a slow link compressing wins by 2x or more.
+# and the sender's measure does not see the far side's work (decompressing); over a slow link
+# compressing wins by 2x or more.  (On the loopback, where both ends share the CPU, compressing was
+# measured faster run by run yet took 1.08-1.17x off's time in all, with this margin or 10%: a
+# receiver on this host is therefore treated as local, lvmirror.transports.on_this_host.)
 MARGIN = 1.25
 FIRST_INTERVAL = 2  # runs between probes at first, and after a probe wins
 MAX_INTERVAL = 32
@@ -84,8 +86,8 @@ class Policy:
         # Measured rates (uncompressed bytes per second) of each way, from its latest run.
         self.rate: dict[bool, float | None] = {True: None, False: None}
         self._measured: dict[bool, list[float]] = {True: [0, 0.0, -1], False: [0, 0.0, -1]}  # bytes, s, run
-        # auto starts with a whole run sent raw, to see how busy the CPU is then (past the start-up);
-        # a probe of compression follows unless it was nearly all busy.
+        # auto starts with a short run sent raw (FIRST_BYTES), to see how busy the CPU is then and the
+        # raw rate; a probe of compression follows unless the CPU was nearly all busy.
         self.way = False
         self.run_len = self.run_left = FIRST_BYTES
         self.cpu = cpu or host_cpu
