@@ -179,9 +179,7 @@ def _unzstd(body: memoryview, length: int) -> bytes:
             if _zstd_frame_length(body) != len(body):  # the package would ignore bytes after the frame
                 raise CodecError(f"the compressed bytes are not exactly one zstd frame of {length} bytes")
             data = mod.ZstdDecompressor().decompress(body, max_output_size=length)
-    except CodecError:
-        raise
-    except Exception as e:  # ZstdError / compression.zstd.ZstdError: damaged input
+    except (mod.ZstdError, ValueError) as e:  # damaged input, as either library says it
         raise CodecError(f"the compressed bytes are damaged ({e})") from None
     if len(data) != length:
         raise CodecError(f"the compressed bytes do not decompress to exactly {length} bytes")
