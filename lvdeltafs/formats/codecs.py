@@ -25,6 +25,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from lvdeltafs.formats.stream import crc32
+
 ZLIB = 1
 ZSTD = 2
 NAMES = {ZLIB: "zlib", ZSTD: "zstd"}
@@ -114,7 +116,7 @@ def compress(data: bytes, codec: int = ZLIB) -> bytes | None:
     packed = pack(data)
     if len(packed) + PREFIX_SIZE >= len(data):
         return None
-    return PREFIX.pack(codec, zlib.crc32(data)) + packed
+    return PREFIX.pack(codec, crc32(data)) + packed
 
 
 def decompress(payload: bytes, length: int) -> bytes:
@@ -134,7 +136,7 @@ def decompress(payload: bytes, length: int) -> bytes:
         raise CodecError("the reserved bytes of a compressed payload are not zero")
     body = memoryview(payload)[PREFIX_SIZE:]
     data = _unzstd(body, length) if codec == ZSTD else _inflate(body, length)
-    if zlib.crc32(data) != crc:
+    if crc32(data) != crc:
         raise CodecError("the decompressed bytes fail their checksum")
     return data
 
