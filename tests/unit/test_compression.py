@@ -494,3 +494,45 @@ def test_the_pipe_to_a_local_receiver_holds_a_whole_frame(tmp_path):
     with LocalTransport(str(tmp_path / "m.img")) as rc:
         rc.hello()
         assert fcntl.fcntl(rc.chan.w.fileno(), fcntl.F_GETPIPE_SZ) >= PIPE_BYTES
+
+
+def test_a_generated_stream_goes_in_whole_frames_and_what_precedes_a_failed_read_still_goes(tmp_path):
+    """Records come a head and a payload at a time; they leave in 1 MiB frames.  A read that fails
+    midway still sends what was read before it, so the receiver keeps every whole record up to there."""
+    from lvmirror.client import FRAME_BYTES
+    from lvmirror.transports import LocalTransport
+    dest = tmp_path / "m.img"
+    with LocalTransport(str(dest)) as rc:
+        rc.hello()
+        d = memory_delta(None, NEW, "", "vol@1")
+        stream = DeltaStream(d)
+        frames: list[int] = []
+        write_frame = rc.chan.write_frame
+        rc.chan.write_frame = lambda data: (frames.append(len(data)), write_frame(data))[1]
+        rc.send_delta(stream, d.identity.delta_id)
+        assert frames[-1] == 0 and set(frames[:-2]) == {FRAME_BYTES} and sum(frames) == stream.size
+        rc.apply()
+    assert sha_file(dest) == sha(NEW)
+
+    class FailsMidway:  # the snapshot goes away after 1.5 MiB of the stream
+        def __init__(self, inner):
+            self.inner, self.size = inner, inner.size
+
+        def header(self):
+            return self.inner.header()
+
+        def read_from(self, offset, resume=None):
+            sent = 0
+            for blk in self.inner.read_from(offset, resume):
+                if sent + len(blk) > FRAME_BYTES * 3 // 2:
+                    raise OSError(5, "Input/output error")
+                sent += len(blk)
+                yield blk
+
+    other = tmp_path / "other.img"
+    islands = image(6 * MiB, [(i * 128 * 1024, 64 * 1024) for i in range(48)], seed=4)  # 64 KiB records
+    with LocalTransport(str(other)) as rc:
+        d = memory_delta(None, islands, "", "vol@1")
+        with pytest.raises(OSError, match="Input/output"):
+            rc.send_delta(FailsMidway(DeltaStream(d)), d.identity.delta_id)
+        assert rc.hello().staged.verified > FRAME_BYTES * 5 // 4  # not just the whole frames
