@@ -98,7 +98,7 @@ class LocalTransport:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _end()
         env = {**os.environ, **(self.env or {})}
         blob = bundle.blob(receiver_argv(self.dest, self.state_dir), self.modules,
-                           *([self.main] if self.main else []))
+                           *([self.main] if self.main else []), compiled=True)
         self.proc = subprocess.Popen(bundle.local_argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr, env=env, cwd="/")
         assert self.proc.stdin is not None and self.proc.stdout is not None

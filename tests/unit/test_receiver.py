@@ -369,6 +369,35 @@ def test_the_bundle_runs_only_shipped_modules_and_the_standard_library(dest: Pat
     assert sha_file(dest) == sha(V1)
 
 
+@pytest.mark.parametrize("magic", ["this python's", "another python's"])
+def test_the_local_receiver_runs_this_pythons_bytecode_or_compiles_the_sources(magic: str):
+    """The local blob carries the shipped modules compiled; a python whose bytecode differs compiles the
+    sources instead (what an ssh blob always does)."""
+    from lvmirror import bundle
+    from lvmirror.remote import SHIPPED
+    raw = bundle.blob([], compiled=True)
+    doc = json.loads(raw[8:])
+    assert sorted(doc["code"]) == sorted(SHIPPED) and "code" not in json.loads(bundle.blob([])[8:])
+    if magic != "this python's":
+        doc["magic"] = "00000000"
+    probe = ("import sys, json\n"
+             "def main(argv):\n"
+             "    import lvmirror.remote.server as s\n"
+             "    sys.stdout.write(json.dumps([s.main.__code__.co_filename, s.__file__]))\n"
+             "    return 0\n")
+    doc["modules"].append(["probe", probe])
+    doc["main"] = "probe"
+    body = json.dumps(doc).encode()
+    run = subprocess.run(bundle.local_argv(), input=len(body).to_bytes(8, "little") + body,
+                         capture_output=True, check=True)
+    code_file, module_file = json.loads(run.stdout)
+    assert module_file == "<lvmirror lvmirror.remote.server>"
+    if magic == "this python's":
+        assert code_file.endswith("lvmirror/remote/server.py")  # this installation's own bytecode
+    else:
+        assert code_file == module_file  # compiled there from the shipped source
+
+
 @pytest.mark.parametrize("forbidden", ["numpy", "lvdeltafs.extents", "paramiko", "lvmirror.client"])
 def test_a_non_stdlib_import_in_the_bundle_fails_here_too(dest: Path, forbidden: str):
     """numpy is installed on this host, and the project is importable: the receiver still may not use them."""
