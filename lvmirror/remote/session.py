@@ -51,6 +51,9 @@ class Session:
         self.problem: str | None = None
         self._locked = False
         self._recovered = False
+        # The delta this session received whole, verifying every byte, and the ranges it writes
+        # (apply.apply_staged's ``verified``); cleared by anything else that touches the staging.
+        self.received_whole: tuple[str, applying.Ranges] | None = None
 
     # -- before every request
 
@@ -155,6 +158,7 @@ class Session:
 
     def begin_receive(self, req: dict[str, Any]) -> Stager:
         """Check a receive request; a stager that continues from what is held verified (or from 0)."""
+        self.received_whole = None
         delta_id = str_field(req, "delta_id")
         offset = int_field(req, "from_offset", default=0)
         stream_size = int_field(req, "stream_size", default=0) or None
@@ -181,8 +185,11 @@ class Session:
 
     def receive(self, stager: Stager, frames: FrameReader) -> dict[str, Any]:
         """Verify and stage what arrives; the reply says how much is held verified."""
+        self.received_whole = None
         try:
             receive(stager, frames)
+            if stager.complete and stager.ranges is not None:
+                self.received_whole = (stager.delta_id, stager.ranges)
         except ForeignStream:
             stager.close()
             self.files.discard_staging()
@@ -214,7 +221,10 @@ class Session:
                              f"of {progress.get('stream_size') or '?'}: send the rest before applying")
         self.check_base(progress["identity"], progress["delta_id"], progress["force"])
         state = self.files.state() or {}
-        new, warnings = applying.apply_staged(self.files, progress, state, replay=False, keep=keep)
+        whole, self.received_whole = self.received_whole, None
+        verified = whole[1] if whole and whole[0] == progress["delta_id"] else None
+        new, warnings = applying.apply_staged(self.files, progress, state, replay=False, keep=keep,
+                                              verified=verified)
         self.problem = None
         return {"applied": progress["delta_id"], "state": new, "warnings": self._take_warnings(warnings)}
 
@@ -227,6 +237,7 @@ class Session:
     def rewind(self, req: dict[str, Any]) -> dict[str, Any]:
         """Make the destination equal a kept point, through a staged apply (a killed rewind is replayed)."""
         generation = int_field(req, "to")
+        self.received_whole = None  # the rewind stages a delta of its own
         keep = history.Keep.from_request(req.get("keep"))
         if self.problem:
             raise RefusedError(self.problem)
@@ -260,6 +271,7 @@ class Session:
             held = describe(self.files.state() or {})
         except StateError:
             held = "a damaged state"
+        self.received_whole = None
         self.files.discard_staging()
         self.files.write_state({"unknown": f"`lvmirror discard` set aside what {self.dest.path} was recorded "
                                            f"to hold ({held}); its content is unknown until a resync"})

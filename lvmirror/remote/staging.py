@@ -23,6 +23,7 @@ from typing import Any
 from lvdeltafs.formats import reader as _reader
 from lvdeltafs.formats import stream as _stream
 from lvdeltafs.fsio import write_all
+from lvmirror.remote import apply as _applying
 from lvmirror.remote import faults
 from lvmirror.remote.state import Files, now
 from lvmirror.remote.wire import (
@@ -113,20 +114,27 @@ class FrameReader:
 
 
 class TeeReader:
-    """Passes reads through and keeps the bytes, so a verified record is staged byte for byte."""
+    """Passes reads through and keeps the bytes, so a verified record is staged byte for byte.
+
+    The pieces are kept as read, not copied together (a sync's every byte passes here): the
+    verifier reads exactly up to a record's end, so what is kept at a record's end is that record."""
 
     def __init__(self, inner: FrameReader):
         self.inner = inner
-        self.kept = bytearray()
+        self.kept: list[bytes] = []
+        self.kept_bytes = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.inner.read(n)
-        self.kept += data
+        self.kept.append(data)
+        self.kept_bytes += len(data)
         return data
 
-    def take(self, n: int) -> bytes:
-        out = bytes(self.kept[:n])
-        del self.kept[:n]
+    def take(self, n: int) -> list[bytes]:
+        """The ``n`` bytes read since the last take, as the pieces they were read in."""
+        if n != self.kept_bytes:
+            raise AssertionError(f"staging: {self.kept_bytes} bytes read for a record of {n}")
+        out, self.kept, self.kept_bytes = self.kept, [], 0
         return out
 
 
@@ -142,6 +150,9 @@ class Stager:
         self.complete = False
         self.reader_state = reader_state  # where verification resumes
         self.state_at_written = reader_state  # the verifier's state at `written` (None before SIZE)
+        # The ranges the delta writes, as the apply needs them (apply.Ranges), while this receive has
+        # verified every byte of the stream itself (from byte 0); None for a continued one.
+        self.ranges: list[tuple[int, int, bool]] | None = [] if offset == 0 else None
         dest = files.dest
         flags = os.O_WRONLY | (os.O_CREAT if offset == 0 else 0)
         self.fd = dest.folder.open(dest.staging_name, flags, 0o600)  # private: it holds the volume's data
@@ -163,8 +174,11 @@ class Stager:
         for rec in reader:
             if rec.type == "header":
                 self._check_header(rec.header or {})
-            write_all(self.fd, tee.take(rec.end - self.written))
+            for piece in tee.take(rec.end - self.written):
+                write_all(self.fd, piece)
             self.written = rec.end
+            if self.ranges is not None and rec.type in ("data", "zero"):
+                self.ranges.append(_applying.range_of(rec))
             if reader.target_size is not None:
                 # Resuming needs the header and size, so only points after SIZE are resume points.
                 self.state_at_written = reader.state()

@@ -443,6 +443,62 @@ def test_a_damaged_staged_copy_during_replay_is_reported_and_discard_unwedges(tm
         assert not greeting.problem and not greeting.holds and greeting.staged is None
 
 
+def _last_data_payload(blob: bytes) -> tuple[int, int, int]:
+    """(stream offset of the last data record's payload, its target offset, its length)."""
+    import io
+
+    from lvdeltafs.formats.reader import iter_records
+    from lvdeltafs.formats.stream import HEAD_SIZE
+    last = [r for r in iter_records(io.BytesIO(blob)) if r.type == "data"][-1]
+    return last.start + HEAD_SIZE, last.offset, last.length
+
+
+def test_damage_to_a_copy_staged_whole_in_this_session_never_reaches_the_destination(tmp_path: Path):
+    """A delta received whole is applied without a second reading; the apply's own reading still checks
+    every record, so a byte changed on the staging disk stops the apply before that record is written,
+    and the next session names the way out."""
+    dest = tmp_path / "m.img"
+    sync(dest, *delta(None, V1, "", "vol@1"))
+    ident, blob = delta(V1, V2, "vol@1", "vol@2")
+    at, offset, length = _last_data_payload(blob)
+    staging = Path(f"{dest}.lvmirror-staging")
+    with LocalTransport(str(dest)) as rc:
+        rc.send_delta(BytesSource(blob), ident.delta_id)
+        with open(staging, "r+b") as f:
+            f.seek(at + length // 2)
+            byte = f.read(1)
+            f.seek(at + length // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(LvError, match="damaged"):
+            rc.apply()
+    got = dest.read_bytes()
+    assert all(g in (a, b) for g, a, b in zip(got, V1, V2, strict=True)), "a byte from nowhere"
+    assert got[offset:offset + length] == V1[offset:offset + length], "the damaged record was written"
+    assert got != V1, "found before the apply: this session's copy was read twice"
+    with LocalTransport(str(dest)) as rc:
+        assert "lvmirror discard" in rc.hello().problem
+
+
+def test_a_copy_staged_by_an_earlier_session_is_verified_again_before_anything_is_written(tmp_path: Path):
+    dest = tmp_path / "m.img"
+    sync(dest, *delta(None, V1, "", "vol@1"))
+    ident, blob = delta(V1, V2, "vol@1", "vol@2")
+    with LocalTransport(str(dest)) as rc:
+        rc.send_delta(BytesSource(blob), ident.delta_id)  # staged whole, not applied
+    at, _, length = _last_data_payload(blob)
+    staging = Path(f"{dest}.lvmirror-staging")
+    raw = bytearray(staging.read_bytes())
+    raw[at + length // 2] ^= 0xFF
+    staging.write_bytes(bytes(raw))
+    with LocalTransport(str(dest)) as rc:
+        rc.send_delta(BytesSource(blob), ident.delta_id)
+        assert rc.bytes_sent == 0  # held complete: nothing re-sent, and nothing re-verified on the way
+        with pytest.raises(LvError, match="damaged"):
+            rc.apply()
+    assert sha_file(dest) == sha(V1)
+    assert "applying" not in json.loads(Path(f"{dest}.lvmirror-state").read_text())
+
+
 # ---------------------------------------------------------------- 7. the receiver survives any peer
 
 
