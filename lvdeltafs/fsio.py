@@ -30,6 +30,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable
+from typing import Any
 
 # O_NONBLOCK: a FIFO planted at a name must not hang the open (fstat then refuses it); it changes
 # nothing for regular files.
@@ -95,6 +96,57 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+# ---------------------------------------------------------------- calls the standard library does not wrap
+
+_libc_functions: dict[str, Any] = {}
+
+
+def libc_function(name: str, argtypes: list[Any]) -> Any:
+    """The C library's ``name`` (returning int, errno kept) through ctypes, or None where there is none.
+
+    ctypes is imported on first use only: a receiver that never needs it starts without it."""
+    if name not in _libc_functions:
+        fn = None
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = getattr(libc, name, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        except (ImportError, OSError):
+            fn = None
+        _libc_functions[name] = fn
+    return _libc_functions[name]
+
+
+def libc_error() -> OSError:
+    """The OSError of the last libc_function call that failed."""
+    import ctypes
+
+    e = ctypes.get_errno()
+    return OSError(e, os.strerror(e))
+
+
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these dirty bytes to disk now, without waiting (Linux's
+    sync_file_range with SYNC_FILE_RANGE_WRITE); a hint, never an error, and never a promise of
+    durability: an fsync still follows.
+
+    With much memory the kernel starts writing dirty pages late (10% of RAM, or 30 s), so an fsync
+    after a large write waits for all of it; started as the bytes come, the disk writes while the
+    writer goes on (measured: a receive of 164 MiB spent 0.21 s of its 0.53 s in fsync)."""
+    import ctypes
+
+    fn = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+    if fn is not None and length > 0:
+        fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 # ---------------------------------------------------------------- folders

@@ -47,7 +47,7 @@ from typing import Any
 
 from lvdeltafs.formats import reader as _reader
 from lvdeltafs.formats.stream import MAX_DATA, StreamError
-from lvdeltafs.fsio import pwrite_all
+from lvdeltafs.fsio import libc_error, libc_function, pwrite_all, start_writeback
 from lvmirror.remote import faults
 from lvmirror.remote import history as _history
 from lvmirror.remote.destination import Destination
@@ -63,40 +63,31 @@ TOO_BIG = (errno.EFBIG, errno.EINVAL, errno.EOVERFLOW)
 _ZEROS = bytes(MAX_DATA)
 _IO = 1 << 20
 
-_libc_fallocate: Any = None
-
-
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """Linux fallocate(2) with a mode (os.posix_fallocate has none); OSError as usual."""
-    global _libc_fallocate
-    if _libc_fallocate is None:
-        try:
-            import ctypes
-            import ctypes.util
+    import ctypes
 
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-            fn.restype = ctypes.c_int
-            _libc_fallocate = fn
-        except (ImportError, OSError, AttributeError):
-            _libc_fallocate = False
-    if not _libc_fallocate:
+    args = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn = libc_function("fallocate64", args) or libc_function("fallocate", args)
+    if fn is None:
         raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
-    if _libc_fallocate(fd, mode, offset, length) != 0:
-        import ctypes
-
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+    if fn(fd, mode, offset, length) != 0:
+        raise libc_error()
 
 
 class Writer:
-    """Absolute writes to an open destination: data, zero ranges, size."""
+    """Absolute writes to an open destination: data, zero ranges, size.
+
+    The disk is asked to start writing every WRITEBACK_BYTES of data (fsio.start_writeback, over the
+    span the writes since the last ask fall in), so the fsync that ends the apply waits for less."""
+
+    WRITEBACK_BYTES = 8 << 20
 
     def __init__(self, dest: Destination, fd: int):
         self.dest, self.fd = dest, fd
         self.punch = not dest.is_block  # cleared when the filesystem cannot punch holes
         self.zeroout = dest.is_block
+        self.dirty, self.lo, self.hi = 0, 0, 0  # data bytes written since the last ask, and their span
 
     def data(self, offset: int, data: bytes) -> None:
         if self.punch and data == (_ZEROS if len(data) == len(_ZEROS) else bytes(len(data))):
@@ -104,7 +95,16 @@ class Writer:
             self.zero(offset, len(data))
         else:
             pwrite_all(self.fd, data, offset)
+            self._written(offset, len(data))
         faults.tick("apply")
+
+    def _written(self, offset: int, length: int) -> None:
+        self.lo = min(self.lo, offset) if self.dirty else offset
+        self.hi = max(self.hi, offset + length)
+        self.dirty += length
+        if self.dirty >= self.WRITEBACK_BYTES:
+            start_writeback(self.fd, self.lo, self.hi - self.lo)
+            self.dirty = 0
 
     def zero(self, offset: int, length: int) -> None:
         if self.punch:

@@ -473,3 +473,29 @@ def test_new_mirror_and_its_staging_are_private(dest: Path):
         assert os.stat(f"{dest}.lvmirror-staging").st_mode & 0o077 == 0
         rc.apply()
     assert os.stat(dest).st_mode & 0o077 == 0
+
+
+# ---------------------------------------------------------------- the kernel calls the standard library lacks
+
+
+def test_start_writeback_is_a_hint_that_never_fails(tmp_path: Path):
+    """On a file it starts the disk writing (the bench measures what it saves); on a pipe, a closed
+    descriptor or nothing to write it does nothing, and it never raises."""
+    from lvdeltafs import fsio
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 65536)
+        fsio.start_writeback(fd, 0, 65536)
+        fsio.start_writeback(fd, 0, 0)
+        assert os.pread(fd, 65536, 0) == b"x" * 65536
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    try:
+        fsio.start_writeback(w, 0, 4096)
+    finally:
+        os.close(r)
+        os.close(w)
+    fsio.start_writeback(fd, 0, 4096)  # closed now: EBADF, ignored
+    assert fsio.libc_function("no_such_function_in_libc", []) is None
