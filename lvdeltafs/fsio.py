@@ -149,6 +149,23 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
+class Writeback:
+    """start_writeback every ``every`` bytes written to ``fd``, over the span those writes fall in
+    (sequential or scattered alike); ``wrote`` is called after each write."""
+
+    def __init__(self, fd: int, every: int = 8 << 20):
+        self.fd, self.every = fd, every
+        self.dirty, self.lo, self.hi = 0, 0, 0  # bytes written since the last ask, and their span
+
+    def wrote(self, offset: int, length: int) -> None:
+        self.lo = min(self.lo, offset) if self.dirty else offset
+        self.hi = max(self.hi, offset + length)
+        self.dirty += length
+        if self.dirty >= self.every:
+            start_writeback(self.fd, self.lo, self.hi - self.lo)
+            self.dirty = 0
+
+
 # ---------------------------------------------------------------- folders
 
 

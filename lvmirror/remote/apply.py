@@ -47,7 +47,7 @@ from typing import Any
 
 from lvdeltafs.formats import reader as _reader
 from lvdeltafs.formats.stream import MAX_DATA, StreamError
-from lvdeltafs.fsio import libc_error, libc_function, pwrite_all, start_writeback
+from lvdeltafs.fsio import Writeback, libc_error, libc_function, pwrite_all
 from lvmirror.remote import faults
 from lvmirror.remote import history as _history
 from lvmirror.remote.destination import Destination
@@ -78,16 +78,14 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class Writer:
     """Absolute writes to an open destination: data, zero ranges, size.
 
-    The disk is asked to start writing every WRITEBACK_BYTES of data (fsio.start_writeback, over the
-    span the writes since the last ask fall in), so the fsync that ends the apply waits for less."""
-
-    WRITEBACK_BYTES = 8 << 20
+    The disk is asked to start writing every 8 MiB of data (fsio.Writeback), so the fsync
+    that ends the apply waits for less."""
 
     def __init__(self, dest: Destination, fd: int):
         self.dest, self.fd = dest, fd
         self.punch = not dest.is_block  # cleared when the filesystem cannot punch holes
         self.zeroout = dest.is_block
-        self.dirty, self.lo, self.hi = 0, 0, 0  # data bytes written since the last ask, and their span
+        self.writeback = Writeback(fd)
 
     def data(self, offset: int, data: bytes) -> None:
         if self.punch and data == (_ZEROS if len(data) == len(_ZEROS) else bytes(len(data))):
@@ -95,16 +93,8 @@ class Writer:
             self.zero(offset, len(data))
         else:
             pwrite_all(self.fd, data, offset)
-            self._written(offset, len(data))
+            self.writeback.wrote(offset, len(data))
         faults.tick("apply")
-
-    def _written(self, offset: int, length: int) -> None:
-        self.lo = min(self.lo, offset) if self.dirty else offset
-        self.hi = max(self.hi, offset + length)
-        self.dirty += length
-        if self.dirty >= self.WRITEBACK_BYTES:
-            start_writeback(self.fd, self.lo, self.hi - self.lo)
-            self.dirty = 0
 
     def zero(self, offset: int, length: int) -> None:
         if self.punch:

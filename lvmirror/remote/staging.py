@@ -22,7 +22,7 @@ from typing import Any
 
 from lvdeltafs.formats import reader as _reader
 from lvdeltafs.formats import stream as _stream
-from lvdeltafs.fsio import start_writeback, write_all
+from lvdeltafs.fsio import Writeback, write_all
 from lvmirror.remote import apply as _applying
 from lvmirror.remote import faults
 from lvmirror.remote.state import Files, now
@@ -41,8 +41,8 @@ from lvmirror.remote.wire import (
 _env_sync = os.environ.get("LVMIRROR_STAGING_SYNC_BYTES", "")
 SYNC_BYTES = int(_env_sync) if _env_sync.isdigit() and int(_env_sync) > 0 else 32 << 20
 SYNC_SECONDS = 2.0
-# The disk is asked to start writing staged bytes every WRITEBACK_BYTES (fsio.start_writeback), so
-# the fsync every SYNC_BYTES finds them mostly written.
+# The disk is asked to start writing staged bytes every WRITEBACK_BYTES (fsio.Writeback), so the
+# fsync every SYNC_BYTES finds them mostly written.
 WRITEBACK_BYTES = 4 << 20
 
 
@@ -150,7 +150,6 @@ class Stager:
         self.delta_id, self.identity, self.force, self.stream_size = delta_id, identity, force, stream_size
         self.durable = offset  # stream bytes verified and fsynced, as the progress file says
         self.written = offset  # stream bytes verified and written (maybe not yet fsynced)
-        self.written_back = offset  # stream bytes the disk was asked to write (start_writeback)
         self.complete = False
         self.reader_state = reader_state  # where verification resumes
         self.state_at_written = reader_state  # the verifier's state at `written` (None before SIZE)
@@ -163,6 +162,7 @@ class Stager:
         # Bytes past the durable point were never confirmed: drop them.
         os.ftruncate(self.fd, offset)
         os.lseek(self.fd, offset, os.SEEK_SET)
+        self.writeback = Writeback(self.fd, WRITEBACK_BYTES)
         self.last_sync = time.monotonic()
 
     def resume_point(self) -> dict[str, Any]:
@@ -180,10 +180,8 @@ class Stager:
                 self._check_header(rec.header or {})
             for piece in tee.take(rec.end - self.written):
                 write_all(self.fd, piece)
+            self.writeback.wrote(self.written, rec.end - self.written)
             self.written = rec.end
-            if self.written - self.written_back >= WRITEBACK_BYTES:
-                start_writeback(self.fd, self.written_back, self.written - self.written_back)
-                self.written_back = self.written
             if self.ranges is not None and rec.type in ("data", "zero"):
                 self.ranges.append(_applying.range_of(rec))
             if reader.target_size is not None:
