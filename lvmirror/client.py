@@ -328,25 +328,22 @@ class ReceiverClient:
         parts: list[memoryview] = []
         held = 0
         try:
-            try:
-                for blk in source.read_from(offset, resume):
-                    view = memoryview(blk)
-                    while view:
-                        n = min(len(view), piece - held)
-                        parts.append(view[:n])
-                        held, view = held + n, view[n:]
-                        if held == piece:
-                            self._send_frame(parts, progress)
-                            parts, held = [], 0
-            except (BrokenPipeError, ConnectionError):
-                raise
-            except Exception as e:  # the source failed (disk, snapshot gone): end the bulk cleanly, re-raise
-                failure = e
-            if parts:  # what was read before a failure goes too: the receiver keeps its whole records
-                self._send_frame(parts, progress)
+            for blk in source.read_from(offset, resume):
+                view = memoryview(blk)
+                while view:
+                    n = min(len(view), piece - held)
+                    parts.append(view[:n])
+                    held, view = held + n, view[n:]
+                    if held == piece:
+                        self._send_frame(parts, progress)
+                        parts, held = [], 0
         except (BrokenPipeError, ConnectionError) as e:
             raise self._lost(f"while sending the delta ({_why(e)})") from None
+        except Exception as e:  # the source failed (disk, snapshot gone): end the bulk cleanly, then re-raise
+            failure = e
         try:
+            if parts:  # what was read before a failure goes too: the receiver keeps its whole records
+                self._send_frame(parts, progress)
             self.chan.write_frame(b"")
             self.chan.flush()
         except (BrokenPipeError, ConnectionError, OSError) as e:
