@@ -150,12 +150,18 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 class Writeback:
-    """start_writeback every ``every`` bytes written to ``fd``, over the span those writes fall in
-    (sequential or scattered alike); ``wrote`` is called after each write."""
+    """start_writeback every ``every`` bytes written to ``fd``, over the span those writes fall in:
+    ``wrote`` after each write at an offset (scattered), or ``write`` to append at ``at`` (sequential)."""
 
-    def __init__(self, fd: int, every: int = 8 << 20):
-        self.fd, self.every = fd, every
+    def __init__(self, fd: int, every: int = 8 << 20, at: int = 0):
+        self.fd, self.every, self.at = fd, every, at
         self.dirty, self.lo, self.hi = 0, 0, 0  # bytes written since the last ask, and their span
+
+    def write(self, data: bytes | memoryview) -> None:
+        """write_all at the file's position, which is ``at`` (a file written only through here)."""
+        write_all(self.fd, data)
+        self.wrote(self.at, len(data))
+        self.at += len(data)
 
     def wrote(self, offset: int, length: int) -> None:
         self.lo = min(self.lo, offset) if self.dirty else offset

@@ -27,7 +27,7 @@ from typing import Any
 from lvdeltafs.formats import overlay
 from lvdeltafs.formats.reader import BlocksFile, StreamReader
 from lvdeltafs.formats.stream import KIND_DATA, KIND_ZERO, StreamError, StreamLayout
-from lvdeltafs.fsio import Writeback, pread_into, write_all
+from lvdeltafs.fsio import Writeback, pread_into
 from lvmirror.remote import faults
 from lvmirror.remote.destination import Destination
 from lvmirror.remote.state import Damaged, Files, unknown_reason
@@ -229,11 +229,9 @@ def write_undo(files: Files, fd: int, identity: dict[str, Any], pieces: list[tup
             os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
     out = folder.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private: the volume's data
     try:
-        writeback, at = Writeback(out), 0
+        writeback = Writeback(out)
         for block in layout.blocks(read):
-            write_all(out, block)
-            writeback.wrote(at, len(block))
-            at += len(block)
+            writeback.write(block)
             faults.tick("undo")
         os.fsync(out)
     except BaseException:
@@ -372,11 +370,9 @@ def stage_rewind(files: Files, state: dict[str, Any], entries: list[dict[str, An
     fd = dest.folder.open(dest.staging_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def written() -> Iterator[bytes]:
-        writeback, at = Writeback(fd), 0
+        writeback = Writeback(fd)
         for block in layout.blocks(composed.read):
-            write_all(fd, block)
-            writeback.wrote(at, len(block))
-            at += len(block)
+            writeback.write(block)
             yield block
 
     # One pass: each block is staged as the verifier reads it; the progress record carries the verifier's

@@ -184,8 +184,8 @@ class Session:
                       stream_size=staged["stream_size"], offset=offset, reader_state=staged["reader"])
 
     def receive(self, stager: Stager, frames: FrameReader) -> dict[str, Any]:
-        """Verify and stage what arrives; the reply says how much is held verified."""
-        self.received_whole = None
+        """Verify and stage what arrives; the reply says how much is held verified (begin_receive cleared
+        ``received_whole``)."""
         try:
             receive(stager, frames)
             if stager.complete and stager.ranges is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from lvdeltafs.formats import reader as _reader
 from lvdeltafs.formats import stream as _stream
-from lvdeltafs.fsio import Writeback, write_all
+from lvdeltafs.fsio import Writeback
 from lvmirror.remote import apply as _applying
 from lvmirror.remote import faults
 from lvmirror.remote.state import Files, now
@@ -155,14 +155,14 @@ class Stager:
         self.state_at_written = reader_state  # the verifier's state at `written` (None before SIZE)
         # The ranges the delta writes, as the apply needs them (apply.Ranges), while this receive has
         # verified every byte of the stream itself (from byte 0); None for a continued one.
-        self.ranges: list[tuple[int, int, bool]] | None = [] if offset == 0 else None
+        self.ranges: _applying.Ranges | None = [] if offset == 0 else None
         dest = files.dest
         flags = os.O_WRONLY | (os.O_CREAT if offset == 0 else 0)
         self.fd = dest.folder.open(dest.staging_name, flags, 0o600)  # private: it holds the volume's data
         # Bytes past the durable point were never confirmed: drop them.
         os.ftruncate(self.fd, offset)
         os.lseek(self.fd, offset, os.SEEK_SET)
-        self.writeback = Writeback(self.fd, WRITEBACK_BYTES)
+        self.writeback = Writeback(self.fd, WRITEBACK_BYTES, at=offset)
         self.last_sync = time.monotonic()
 
     def resume_point(self) -> dict[str, Any]:
@@ -179,8 +179,7 @@ class Stager:
             if rec.type == "header":
                 self._check_header(rec.header or {})
             for piece in tee.take(rec.end - self.written):
-                write_all(self.fd, piece)
-            self.writeback.wrote(self.written, rec.end - self.written)
+                self.writeback.write(piece)
             self.written = rec.end
             if self.ranges is not None and rec.type in ("data", "zero"):
                 self.ranges.append(_applying.range_of(rec))
